@@ -1,0 +1,210 @@
+"""`NoraConfig`: every knob of NoRA, validated when the config is built."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+PEFT_TYPE = "NORA"
+FORMAT_VERSION = 1
+
+STRUCTURES = ("nested", "output", "parallel", "adapter")
+OUTER_INITS = ("svd", "awsvd", "random")
+INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma")
+SVD_METHODS = ("full", "randomized")
+
+
+def _check_choice(field_name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(
+            f"NoraConfig: unknown {field_name}={value!r}; valid values are {', '.join(map(repr, valid))}."
+        )
+
+
+@dataclass
+class NoraConfig(PeftConfig):
+    """Configuration of a NoRA adapter (Nested Low-Rank Adaptation).
+
+    For a frozen weight W (m x n) NoRA adds a frozen rank-r "outer" factorisation B (m x r), A (r x n) taken from a
+    truncated (activation-aware) SVD of W, and trains only a small "inner" LoRA B' (r x r'), A' (r' x r) nested between
+    them:
+
+        h = W x + s * B B' A' A x,      s = alpha / r_inner
+
+    so each adapted matrix trains 2 * r * r_inner numbers, and the update dW = (s B B')(A' A) is exactly a rank-r_inner
+    LoRA that `nora.export_lora` writes as a plain PEFT LoRA adapter.
+
+    `structure` selects the variant of the NoRA v2 design space (seed 001, Tables 6-7):
+
+    - ``"nested"`` (default, the paper's w_a): dW = s B B' A' A, trainable 2 r r'.
+    - ``"output"`` (the paper's w_b): the inner LoRA sits serially on the output side,
+      dW = s B' A' B A with B' (m x r'), A' (r' x m); trainable 2 m r'.
+    - ``"parallel"``: h = W x + s (B + C A') A x with the frozen B A reproducing W, i.e. dW = s C A' A with
+      C (m x r'), A' (r' x r); trainable m r' + r' r.
+    - ``"adapter"``: a trainable r x r matrix R between B and A, dW = s B R A; this is LoRA-XS. trainable r^2.
+    """
+
+    r: int = field(default=64, metadata={"help": "Outer rank r of the frozen factors B (m x r) and A (r x n)."})
+    r_inner: int = field(
+        default=32, metadata={"help": "Inner rank r' of the trainable factors; ignored by structure='adapter'."}
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scaling numerator: s = alpha / r_inner (r for structure='adapter'). None means alpha = r_inner, i.e. s = 1."
+        },
+    )
+    structure: Literal["nested", "output", "parallel", "adapter"] = field(
+        default="nested", metadata={"help": f"Where the trainable inner factors sit; one of {STRUCTURES}."}
+    )
+    outer_init: Literal["svd", "awsvd", "random"] = field(
+        default="svd",
+        metadata={
+            "help": "Frozen outer factors: 'svd' (B = U_r Sigma_r, A = V_r^T), 'awsvd' (activation-aware, needs "
+            "nora.calibrate first) or 'random' (ablation)."
+        },
+    )
+    awsvd_alpha: float = field(
+        default=0.5, metadata={"help": "AwSVD exponent: S_j = (mean over tokens of |x_j|) ** awsvd_alpha."}
+    )
+    awsvd_eps: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Floor for the AwSVD channel statistics, relative to the largest channel: channels with "
+            "mean |x_j| < awsvd_eps * max_k mean |x_k| are raised to that floor so S stays invertible."
+        },
+    )
+    svd_method: Literal["full", "randomized"] = field(
+        default="full",
+        metadata={"help": "'full' (torch.linalg.svd) or 'randomized' (torch.svd_lowrank, seeded by init_seed)."},
+    )
+    svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
+    svd_oversample: int = field(default=16, metadata={"help": "Extra random directions of the randomized SVD."})
+    init_seed: int = field(
+        default=0,
+        metadata={"help": "Seed for the randomized SVD and the random outer init (per module, so every rank agrees)."},
+    )
+    inner_init: Literal["zeros", "gaussian", "uniform", "sqrt_sigma"] = field(
+        default="zeros",
+        metadata={
+            "help": "Inner init: 'zeros' (B' = 0, A' gaussian: exact identity at init), 'gaussian' (both "
+            "N(0, inner_init_std^2)), 'uniform' (both uniform with the same variance) or 'sqrt_sigma' (seed 000: "
+            "square roots of the top singular values on the diagonals)."
+        },
+    )
+    inner_init_std: float = field(default=0.02, metadata={"help": "Std of the gaussian/uniform inner factors."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the documented init given by outer_init/inner_init. False: both inner factors random "
+            "(gaussian, inner_init_std), so the adapter is not an identity at init; meant for tests."
+        },
+    )
+    nora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names, a regex, or 'all-linear'. None uses nora's default for the model family "
+            "(see nora.model.DEFAULT_TARGET_MODULES)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "True for layers storing weight as (in, out), e.g. GPT-2 Conv1D; set automatically."},
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported: NoRA never trains biases."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved, e.g. a classification head."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') used with layers_to_transform."}
+    )
+    base_fingerprint: dict | None = field(
+        default=None,
+        metadata={"help": "Filled on save: shapes and checksums of the adapted base weights, checked on load."},
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter format version of nora."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        _check_choice("structure", self.structure, STRUCTURES)
+        _check_choice("outer_init", self.outer_init, OUTER_INITS)
+        _check_choice("inner_init", self.inner_init, INNER_INITS)
+        _check_choice("svd_method", self.svd_method, SVD_METHODS)
+        for name in ("r", "r_inner"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"NoraConfig: {name} must be a positive integer, got {value!r}.")
+        if self.structure != "adapter" and self.r_inner > self.r:
+            raise ValueError(
+                f"NoraConfig: r_inner={self.r_inner} exceeds the outer rank r={self.r}; the nested update has rank "
+                f"<= min(r, r_inner), so choose r_inner <= r (e.g. r={self.r}, r_inner={self.r // 2 or 1})."
+            )
+        if not 0.0 <= self.nora_dropout < 1.0:
+            raise ValueError(f"NoraConfig: nora_dropout must be in [0, 1), got {self.nora_dropout}.")
+        if self.awsvd_alpha < 0:
+            raise ValueError(f"NoraConfig: awsvd_alpha must be >= 0, got {self.awsvd_alpha}.")
+        if not 0 < self.awsvd_eps < 1:
+            raise ValueError(f"NoraConfig: awsvd_eps must be in (0, 1), got {self.awsvd_eps}.")
+        if self.inner_init_std <= 0:
+            raise ValueError(f"NoraConfig: inner_init_std must be > 0, got {self.inner_init_std}.")
+        if self.svd_niter < 0 or self.svd_oversample < 0:
+            raise ValueError("NoraConfig: svd_niter and svd_oversample must be >= 0.")
+        if self.bias != "none":
+            raise ValueError(f"NoraConfig: bias={self.bias!r} is not supported; NoRA only supports bias='none'.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("NoraConfig: layers_pattern is only used together with layers_to_transform.")
+        if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"NoraConfig: this adapter uses nora format version {self.format_version}, but the installed nora "
+                f"reads versions <= {FORMAT_VERSION}. Upgrade nora-peft (pip install -U nora-peft)."
+            )
+        self._from_checkpoint = False
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / k where k is the width of the trainable bottleneck (r_inner, or r for 'adapter')."""
+        width = self.r if self.structure == "adapter" else self.r_inner
+        alpha = width if self.alpha is None else self.alpha
+        return alpha / width
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load a saved config. Outer factors are then read from the checkpoint, so no SVD/calibration runs."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        config_file = os.path.join(path, "adapter_config.json")
+        if os.path.isdir(path) and not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{path} has no adapter_config.json; pass the directory written by model.save_pretrained()."
+            )
+        if os.path.isfile(config_file):
+            try:
+                with open(config_file) as fh:
+                    json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{config_file} is not valid JSON ({exc}); the adapter directory is corrupt."
+                ) from exc
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._from_checkpoint = True
+        return config
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("_from_checkpoint", None)
+        return out

@@ -1,0 +1,162 @@
+"""Initialisation of NoRA factors as pure functions on tensors (testable without a model).
+
+Outer factors (frozen):  W (m x n) ~= B (m x r) @ A (r x n)
+    svd:    B = U_r Sigma_r,  A = V_r^T
+    awsvd:  SVD of W S with S = diag(s_j),  B = U_r Sigma_r,  A = V_r^T S^-1
+    random: Gaussian factors with the scale of the SVD ones (ablation)
+Inner factors (trained): see `init_inner`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .config import INNER_INITS, OUTER_INITS, SVD_METHODS
+
+
+class OuterFactors(NamedTuple):
+    B: torch.Tensor  # (m, r)
+    A: torch.Tensor  # (r, n)
+    sigma: torch.Tensor  # (r,) singular values of W (or W S for awsvd)
+
+
+def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
+    """Raise a clear error for a weight NoRA cannot factorise."""
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"{name}: NoRA needs a floating-point base weight, got dtype {weight.dtype}. Quantized base layers are "
+            "not supported; load the model in float32/bfloat16/float16."
+        )
+    if weight.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}.")
+    m, n = weight.shape
+    if r > min(m, n):
+        raise ValueError(
+            f"{name}: outer rank r={r} exceeds min(out, in)=min({m}, {n})={min(m, n)}; choose r <= {min(m, n)} or "
+            "exclude this module (exclude_modules=[...])."
+        )
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        raise ValueError(f"{name}: the base weight contains NaN or inf; NoRA cannot factorise a non-finite weight.")
+
+
+def truncated_svd(
+    weight: torch.Tensor, r: int, svd_method: str = "full", niter: int = 4, oversample: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of `weight`, computed in float32: U (m x r), S (r,), Vh (r x n)."""
+    if svd_method not in SVD_METHODS:
+        raise ValueError(f"unknown svd_method={svd_method!r}; valid values are {', '.join(map(repr, SVD_METHODS))}.")
+    w = weight.detach().to(torch.float32)
+    if svd_method == "full":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    q = min(r + oversample, *w.shape)
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(w, q=q, niter=niter)
+    return U[:, :r], S[:r], V[:, :r].T
+
+
+def activation_scale(mean_abs: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """AwSVD channel scales S_j = max(mean|x_j|, eps * max_k mean|x_k|) ** alpha (float32, strictly positive)."""
+    stats = mean_abs.detach().to(torch.float32)
+    peak = stats.max()
+    if not torch.isfinite(stats).all() or peak <= 0:
+        raise ValueError(
+            "AwSVD calibration statistics are all zero or non-finite; calibrate on real inputs (nora.calibrate)."
+        )
+    return stats.clamp_min(eps * peak).pow(alpha)
+
+
+def outer_svd(weight: torch.Tensor, r: int, **svd_kwargs) -> OuterFactors:
+    """B = U_r Sigma_r, A = V_r^T from a truncated SVD of W (float32)."""
+    U, S, Vh = truncated_svd(weight, r, **svd_kwargs)
+    return OuterFactors(U * S, Vh, S)
+
+
+def outer_awsvd(weight: torch.Tensor, scale: torch.Tensor, r: int, **svd_kwargs) -> OuterFactors:
+    """Activation-aware SVD: SVD of W S, B = U_r Sigma_r, A = V_r^T S^-1 (so B A ~= W, weighted by S)."""
+    if scale.shape != (weight.shape[1],):
+        raise ValueError(
+            f"AwSVD scale has shape {tuple(scale.shape)} but the weight has {weight.shape[1]} input channels."
+        )
+    s = scale.to(device=weight.device, dtype=torch.float32)
+    U, S, Vh = truncated_svd(weight.to(torch.float32) * s, r, **svd_kwargs)
+    return OuterFactors(U * S, Vh / s, S)
+
+
+def outer_random(weight: torch.Tensor, r: int, seed: int = 0) -> OuterFactors:
+    """Gaussian outer factors with the Frobenius scale of the SVD factors (rows of A ~ unit norm)."""
+    m, n = weight.shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rms_sigma = weight.detach().float().norm() / math.sqrt(min(m, n))
+    A = torch.randn(r, n, generator=gen) / math.sqrt(n)
+    B = torch.randn(m, r, generator=gen) * (rms_sigma / math.sqrt(m))
+    return OuterFactors(B.to(weight.device), A.to(weight.device), torch.full((r,), float(rms_sigma)))
+
+
+def init_outer(
+    weight: torch.Tensor, r: int, method: str, scale: torch.Tensor | None = None, seed: int = 0, **svd_kwargs
+) -> OuterFactors:
+    """Dispatch on `outer_init`; `weight` is (out, in) = (m, n)."""
+    if method == "svd":
+        return outer_svd(weight, r, seed=seed, **svd_kwargs)
+    if method == "awsvd":
+        if scale is None:
+            raise ValueError("outer_init='awsvd' needs activation statistics: call nora.calibrate(...) first.")
+        return outer_awsvd(weight, scale, r, seed=seed, **svd_kwargs)
+    if method == "random":
+        return outer_random(weight, r, seed=seed)
+    raise ValueError(f"unknown outer_init={method!r}; valid values are {', '.join(map(repr, OUTER_INITS))}.")
+
+
+def init_inner(
+    method: str, shape_B: tuple[int, int], shape_A: tuple[int, int] | None, sigma: torch.Tensor | None, std: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inner factors (B', A') in float32. `shape_A` is None for structure='adapter' (a single r x r matrix in B').
+
+    zeros:      B' = 0, A' ~ N(0, std^2)          -> dW = 0 exactly (for 'adapter': R = 0)
+    gaussian:   B', A' ~ N(0, std^2)
+    uniform:    B', A' ~ U(-sqrt(3) std, sqrt(3) std)  (same variance as gaussian)
+    sqrt_sigma: sqrt(sigma_i) on the diagonals (seed 000), zeros elsewhere
+    """
+
+    def empty(shape):
+        return torch.empty(shape, dtype=torch.float32)
+
+    inner_B, inner_A = empty(shape_B), (empty(shape_A) if shape_A is not None else None)
+    tensors = [t for t in (inner_B, inner_A) if t is not None]
+    if method == "zeros":
+        inner_B.zero_()
+        if inner_A is not None:
+            inner_A.normal_(0.0, std)
+    elif method == "gaussian":
+        for t in tensors:
+            t.normal_(0.0, std)
+    elif method == "uniform":
+        bound = math.sqrt(3.0) * std
+        for t in tensors:
+            t.uniform_(-bound, bound)
+    elif method == "sqrt_sigma":
+        if sigma is None:
+            raise ValueError("inner_init='sqrt_sigma' needs the singular values of the outer factorisation.")
+        root = sigma.detach().float().clamp_min(0).sqrt().cpu()
+        for t in tensors:
+            t.zero_()
+            k = min(*t.shape, root.numel())
+            t[range(k), range(k)] = root[:k]
+    else:
+        raise ValueError(f"unknown inner_init={method!r}; valid values are {', '.join(map(repr, INNER_INITS))}.")
+    return inner_B, inner_A
+
+
+def reconstruction_error(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor | None = None):
+    """||(W - B A) S||_F / ||W S||_F (S = I if scale is None): the activation-weighted error AwSVD minimises."""
+    w = weight.detach().float()
+    diff = w - B.detach().float() @ A.detach().float()
+    if scale is not None:
+        s = scale.to(w)
+        diff, w = diff * s, w * s
+    return float(diff.norm() / w.norm().clamp_min(1e-30))

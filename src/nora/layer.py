@@ -1,0 +1,231 @@
+"""The NoRA tuner layer: wraps a frozen nn.Linear / Conv1D and adds  s * B B' A' A x.
+
+    x (.., n) --dropout--> A (r x n) --> A' (r' x r) --> B' (r x r') --> B (m x r) --*s--> + W x
+              [frozen buffer]   [trained]      [trained]      [frozen buffer]
+
+The forward never materialises the r-dimensional chain per token: it folds the small matrices first into a rank-k
+pair, `right = A' A` (k x n) and `left = s B B'` (m x k), and computes `left @ (right @ x)`. That is a rank-k LoRA
+product (k = r_inner), so a NoRA step costs about what a LoRA step of rank r_inner costs, plus O(r r' (m + n)) to fold.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import NoraConfig
+from .init import activation_scale, check_weight, init_inner, init_outer
+
+
+def inner_shapes(structure: str, m: int, r: int, r_inner: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """Shapes of the trainable (B', A') for a structure; A' is None for 'adapter' (one r x r matrix R)."""
+    return {
+        "nested": ((r, r_inner), (r_inner, r)),
+        "output": ((m, r_inner), (r_inner, m)),
+        "parallel": ((m, r_inner), (r_inner, r)),
+        "adapter": ((r, r), None),
+    }[structure]
+
+
+def fold_factors(structure: str, B, A, inner_B, inner_A) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with dW = left @ right for each structure (smallest matmuls first)."""
+    if structure == "nested":  # B B' A' A
+        return B @ inner_B, inner_A @ A
+    if structure == "output":  # B' A' B A
+        return inner_B, (inner_A @ B) @ A
+    if structure == "parallel":  # C A' A
+        return inner_B, inner_A @ A
+    if structure == "adapter":  # B R A
+        return B @ inner_B, A
+    raise ValueError(f"unknown structure {structure!r}")
+
+
+class NoraLayer(BaseTunerLayer):
+    """Holds the per-adapter NoRA state of one wrapped layer; see the module docstring for the computation."""
+
+    adapter_layer_names = ("nora_inner_B", "nora_inner_A")
+    other_param_names = ("nora_B", "nora_A", "r", "r_inner", "scaling", "structure", "nora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.r_inner: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.structure: dict[str, str] = {}
+        self.nora_dropout = nn.ModuleDict({})
+        self.nora_inner_B = nn.ParameterDict({})
+        self.nora_inner_A = nn.ParameterDict({})
+        self.nora_B = BufferDict({}, persistent=True)
+        self.nora_A = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    def _base_weight_mn(self) -> torch.Tensor:
+        """The base weight as (out, in) = (m, n), whatever the layer's storage layout."""
+        weight = self.get_base_layer().weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: NoraConfig,
+        act_mean_abs: torch.Tensor | None = None,
+        inference_mode: bool = False,
+        module_name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        weight = self._base_weight_mn()
+        check_weight(weight, config.r, name=module_name or "base layer")
+        m, n, r = self.out_features, self.in_features, config.r
+        self.r[adapter_name] = r
+        self.r_inner[adapter_name] = r if config.structure == "adapter" else config.r_inner
+        self.scaling[adapter_name] = config.scaling
+        self.structure[adapter_name] = config.structure
+        self.nora_dropout[adapter_name] = nn.Dropout(config.nora_dropout) if config.nora_dropout > 0 else nn.Identity()
+
+        skip_init = weight.device.type == "meta" or getattr(config, "_from_checkpoint", False)
+        if skip_init:
+            # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.
+            B = torch.zeros(m, r, dtype=weight.dtype, device=weight.device)
+            A = torch.zeros(r, n, dtype=weight.dtype, device=weight.device)
+            sigma = torch.ones(r)
+        else:
+            if config.outer_init == "awsvd" and act_mean_abs is None:
+                raise ValueError(
+                    f"{module_name}: outer_init='awsvd' but this module has no calibration statistics. Call "
+                    "nora.calibrate(model, config, batches) with the same target_modules before get_peft_model, "
+                    "or use outer_init='svd'."
+                )
+            scale = None
+            if act_mean_abs is not None and config.outer_init == "awsvd":
+                if act_mean_abs.shape != (n,):
+                    raise ValueError(
+                        f"{module_name}: calibration statistics have shape {tuple(act_mean_abs.shape)} but the layer "
+                        f"has {n} input features; they were computed for another model. Re-run nora.calibrate."
+                    )
+                scale = activation_scale(act_mean_abs, config.awsvd_alpha, config.awsvd_eps)
+            seed = config.init_seed + _stable_hash(module_name)
+            B, A, sigma = init_outer(
+                weight,
+                r,
+                config.outer_init,
+                scale=scale,
+                seed=seed,
+                svd_method=config.svd_method,
+                niter=config.svd_niter,
+                oversample=config.svd_oversample,
+            )
+        self.nora_B[adapter_name] = B.to(weight.dtype).contiguous()
+        self.nora_A[adapter_name] = A.to(weight.dtype).contiguous()
+
+        shape_B, shape_A = inner_shapes(config.structure, m, r, config.r_inner)
+        method = config.inner_init if config.init_weights else "gaussian"
+        inner_B, inner_A = init_inner(method, shape_B, shape_A, sigma, config.inner_init_std)
+        self.nora_inner_B[adapter_name] = nn.Parameter(inner_B.to(weight.device))
+        if inner_A is not None:
+            self.nora_inner_A[adapter_name] = nn.Parameter(inner_A.to(weight.device))
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s * left, right) in the inner parameters' dtype, so dW = left @ right."""
+        inner_B = self.nora_inner_B[adapter]
+        inner_A = self.nora_inner_A[adapter] if adapter in self.nora_inner_A else None
+        dtype = inner_B.dtype
+        B, A = self.nora_B[adapter].to(dtype), self.nora_A[adapter].to(dtype)
+        left, right = fold_factors(self.structure[adapter], B, A, inner_B, inner_A)
+        scaling = self.scaling[adapter]
+        return (left * scaling if scaling != 1 else left), right
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """dW in the base weight's layout and dtype (transposed for Conv1D)."""
+        left, right = self._factors(adapter)
+        delta = left.float() @ right.float()
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact rank-k LoRA factors (lora_A (k x n), lora_B (m x k)) with dW = lora_B @ lora_A and scaling 1."""
+        left, right = self._factors(adapter)
+        return right.detach().contiguous(), left.detach().contiguous()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class Linear(nn.Module, NoraLayer):
+    """NoRA around an nn.Linear or a transformers Conv1D (fan_in_fan_out=True)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: NoraConfig,
+        act_mean_abs: torch.Tensor | None = None,
+        module_name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        NoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # Conv1D stores weight as (in, out)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, act_mean_abs=act_mean_abs, module_name=module_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' dW to the base weight. Merging an already merged adapter is a no-op."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.nora_inner_B:
+                continue
+            weight = self.get_base_weight()
+            merged = weight + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs/infs in the merged weights: adapter {name!r} seems to be broken.")
+            self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.nora_inner_B:
+                self.set_base_weight(self.get_base_weight() - self.get_delta_weight(name))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.nora_inner_B:
+                continue
+            left, right = self._factors(name)  # (m, k), (k, n)
+            h = self._cast_input_dtype(self.nora_dropout[name](x), right.dtype)  # (.., n)
+            result = result + F.linear(F.linear(h, right), left).to(out_dtype)  # (.., k) -> (.., m)
+        return result
+
+    def __repr__(self) -> str:
+        return "nora." + super().__repr__()
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent hash (Python's hash() is salted), so every rank derives the same per-module seed."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF

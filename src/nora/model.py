@@ -1,0 +1,103 @@
+"""`NoraModel`: the PEFT tuner that swaps target layers for NoRA layers."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import NoraConfig
+from .layer import Linear, NoraLayer
+
+_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_BERT = ["query", "key", "value", "dense"]
+_CLIP = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+#: Default target modules per `config.model_type` (all linear projections of the blocks, as in the NoRA papers).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "olmo", "olmo2"], _DECODER),
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **dict.fromkeys(["bert", "roberta", "distilbert", "vit", "deit"], _BERT),
+    **dict.fromkeys(["clip", "clip_text_model", "clip_vision_model", "siglip"], _CLIP),
+}
+#: Attention projections of a diffusers UNet2DConditionModel (the NoRA paper's SDXL experiment).
+DIFFUSERS_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+#: Name of the attribute `nora.calibrate` sets on a base layer: mean |x_j| per input channel (float32, shape (in,)).
+CALIBRATION_ATTR = "nora_act_mean_abs"
+
+
+def default_target_modules(model_type: str | None, class_name: str = "") -> list[str]:
+    """nora's default targets for a transformers `model_type` or a diffusers UNet; a clear error otherwise."""
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    if "UNet" in class_name:
+        return DIFFUSERS_UNET_TARGET_MODULES
+    raise ValueError(
+        f"NoraConfig.target_modules is not set and nora has no default for model_type={model_type!r}; pass "
+        "target_modules=[...] or target_modules='all-linear'. Defaults exist for: "
+        f"{', '.join(sorted(DEFAULT_TARGET_MODULES))}, and diffusers UNets."
+    )
+
+
+class NoraModel(BaseTuner):
+    """Creates a NoRA model from a transformers / diffusers / plain torch model; use through `peft.get_peft_model`."""
+
+    prefix: str = "nora_"
+    tuner_layer_cls = NoraLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: NoraConfig, model_config: dict) -> NoraConfig:
+        if peft_config.target_modules is not None:
+            return peft_config
+        class_name = str(model_config.get("_class_name", type(self.model).__name__))
+        peft_config.target_modules = set(default_target_modules(model_config.get("model_type"), class_name))
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as exc:
+            if "not found in the base model" not in str(exc) and "No modules were targeted" not in str(exc):
+                raise
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
+            config = self.peft_config[adapter_name]
+            raise ValueError(
+                f"NoRA: no module matched target_modules={config.target_modules!r}. Linear/Conv1D modules in this "
+                f"model are named: {', '.join(names) or '(none)'}. Pass some of these as target_modules."
+            ) from exc
+
+    def _create_and_replace(
+        self, nora_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        act = getattr(base, CALIBRATION_ATTR, None)
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
+            return
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"NoRA: target module {current_key!r} is a {type(base).__name__}; only torch.nn.Linear and "
+                "transformers Conv1D are supported. Remove it from target_modules or add it to exclude_modules."
+            )
+        nora_config.fan_in_fan_out = isinstance(base, Conv1D)  # recorded for PEFT tooling; layers read the type
+        new_module = Linear(target, adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of parameters with requires_grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def nora_layers(model: nn.Module):
+    """Yield (name, layer) for every NoRA layer of a (Peft)model."""
+    for name, module in model.named_modules():
+        if isinstance(module, NoraLayer):
+            yield name, module
