@@ -133,6 +133,13 @@ class NoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Filled on save: shapes and checksums of the adapted base weights, checked on load."},
     )
+    check_base_fingerprint: bool = field(
+        default=True,
+        metadata={
+            "help": "On load, refuse a base model whose adapted weights differ from base_fingerprint. Set False "
+            "to load onto a different base model deliberately."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter format version of nora."})
 
     def __post_init__(self):

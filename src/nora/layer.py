@@ -141,7 +141,7 @@ class NoraLayer(BaseTunerLayer):
     def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(s * left, right) in the inner parameters' dtype, so dW = left @ right."""
         inner_B = self.nora_inner_B[adapter]
-        inner_A = self.nora_inner_A[adapter] if adapter in self.nora_inner_A else None
+        inner_A = self.nora_inner_A.get(adapter)
         dtype = inner_B.dtype
         B, A = self.nora_B[adapter].to(dtype), self.nora_A[adapter].to(dtype)
         left, right = fold_factors(self.structure[adapter], B, A, inner_B, inner_A)

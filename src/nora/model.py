@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import NoraConfig
+from .fingerprint import mismatch, weight_fingerprint
 from .layer import Linear, NoraLayer
 
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,6 +77,7 @@ class NoraModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         act = getattr(base, CALIBRATION_ATTR, None)
+        self._check_or_record_fingerprint(nora_config, current_key, base)
         if isinstance(target, Linear):
             target.update_layer(adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
             return
@@ -89,6 +91,49 @@ class NoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _check_or_record_fingerprint(config: NoraConfig, key: str, base: nn.Module) -> None:
+        weight = base.weight.T if isinstance(base, Conv1D) else base.weight
+        actual = weight_fingerprint(weight)
+        if actual is None:
+            return
+        if not getattr(config, "_from_checkpoint", False):
+            config.base_fingerprint = {**(config.base_fingerprint or {}), key: actual}
+            return
+        expected = (config.base_fingerprint or {}).get(key)
+        if expected is None or not config.check_base_fingerprint:
+            return
+        problem = mismatch(expected, actual)
+        if problem:
+            raise ValueError(
+                f"NoRA adapter does not fit this base model: module {key!r}: {problem}. Load the base model the "
+                "adapter was trained on. To load it anyway: cfg = NoraConfig.from_pretrained(adapter_dir); "
+                "cfg.check_base_fingerprint = False; PeftModel.from_pretrained(base, adapter_dir, config=cfg)."
+            )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        wrong = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in remapped.items()
+            if k in own and tuple(own[k].shape) != tuple(v.shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"NoRA adapter shapes do not fit the base model ({len(wrong)} tensors), e.g. {wrong[0]}. The adapter "
+                "was built for a model with other layer sizes or another r / r_inner; load it onto its own base model."
+            )
+        expected_outer = [k for k in own if f".nora_B.{adapter_name}" in k]
+        missing = [k for k in expected_outer if k not in remapped]
+        if missing:
+            raise ValueError(
+                f"NoRA adapter file lacks the frozen outer factors (e.g. {missing[0]}); it is truncated or was not "
+                "written by nora's save_pretrained. Re-save the adapter."
+            )
+        return remapped
 
 
 def count_trainable(model: nn.Module) -> int:
