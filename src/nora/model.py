@@ -12,13 +12,18 @@ from .layer import Linear, NoraLayer
 
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BERT = ["query", "key", "value", "dense"]
+# transformers >= 5 renamed the ViT/DeiT projections; keep both spellings (a name that does not exist matches nothing)
+_VIT = [*_BERT, "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+_DISTILBERT = ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
 _CLIP = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 #: Default target modules per `config.model_type` (all linear projections of the blocks, as in the NoRA papers).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **dict.fromkeys(["llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "olmo", "olmo2"], _DECODER),
     "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **dict.fromkeys(["bert", "roberta", "distilbert", "vit", "deit"], _BERT),
+    **dict.fromkeys(["bert", "roberta"], _BERT),
+    **dict.fromkeys(["vit", "deit"], _VIT),
+    "distilbert": _DISTILBERT,
     **dict.fromkeys(["clip", "clip_text_model", "clip_vision_model", "siglip"], _CLIP),
 }
 #: Attention projections of a diffusers UNet2DConditionModel (the NoRA paper's SDXL experiment).
@@ -91,6 +96,20 @@ class NoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts every half-precision adapter tensor to float32, buffers included; keep the trained inner
+        factors in float32 but the frozen outer buffers in the base weight's dtype (half the memory, as documented)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for module in self.model.modules():
+            if not isinstance(module, NoraLayer):
+                continue
+            dtype = module.get_base_layer().weight.dtype
+            if not dtype.is_floating_point:
+                continue
+            for buffers in (module.nora_B, module.nora_A):
+                if adapter_name in buffers and buffers[adapter_name].dtype != dtype:
+                    buffers[adapter_name] = buffers[adapter_name].to(dtype)
 
     @staticmethod
     def _check_or_record_fingerprint(config: NoraConfig, key: str, base: nn.Module) -> None:
