@@ -207,6 +207,7 @@ class NoraConfig(PeftConfig):
                 raise ValueError(
                     f"{config_file} is not valid JSON ({exc}); the adapter directory is corrupt."
                 ) from exc
+            _check_adapter_weights(path)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config._from_checkpoint = True
         return config
@@ -215,3 +216,25 @@ class NoraConfig(PeftConfig):
         out = super().to_dict()
         out.pop("_from_checkpoint", None)
         return out
+
+
+def _check_adapter_weights(path: str) -> None:
+    """A local adapter directory must hold a readable weights file; PEFT would otherwise fail later with a
+    confusing hub error (missing file) or a bare SafetensorError (truncated/corrupt file)."""
+    safetensors_file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(safetensors_file):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            return
+        raise FileNotFoundError(
+            f"{path} has adapter_config.json but no adapter_model.safetensors; the adapter directory is incomplete. "
+            "Pass the directory written by model.save_pretrained()."
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(safetensors_file, framework="pt") as fh:
+            fh.keys()
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{safetensors_file} is corrupt or truncated ({exc}); re-save the adapter with model.save_pretrained()."
+        ) from exc
