@@ -217,7 +217,7 @@ def test_init_outer_dispatch():
     assert torch.equal(init_outer(W, 4, "random", seed=5).A, outer_random(W, 4, seed=5).A)
     scale = torch.linspace(0.5, 2.0, 10)
     assert torch.equal(init_outer(W, 4, "awsvd", scale=scale).A, outer_awsvd(W, scale, 4).A)
-    with pytest.raises(ValueError, match="needs activation statistics"):
+    with pytest.raises(ValueError, match=r"needs activation statistics"):
         init_outer(W, 4, "awsvd")
 
 
@@ -273,7 +273,7 @@ def test_inner_sqrt_sigma_diagonal(structure):
 
 
 def test_unknown_inner_init_is_rejected():
-    with pytest.raises(ValueError, match="valid values are"):
+    with pytest.raises(ValueError, match=r"valid values are"):
         init_inner("ones", (2, 2), (2, 2), None, std=0.02)
 
 

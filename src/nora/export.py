@@ -23,7 +23,13 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
     PEFT's LoRA scaling is lora_alpha / r = 1, so base + lora_B @ lora_A reproduces NoRA's output exactly (up to
     float rounding). k = r_inner (r for structure='adapter').
     """
-    config = model.peft_config[adapter_name]
+    configs = getattr(model, "peft_config", {})
+    if adapter_name not in configs:
+        raise ValueError(
+            f"export_lora: the model has no NoRA layers for adapter {adapter_name!r}; its adapters are "
+            f"{sorted(configs) or '(none)'}. Pass a PeftModel from get_peft_model / PeftModel.from_pretrained."
+        )
+    config = configs[adapter_name]
     state: dict[str, torch.Tensor] = {}
     targets, fan_in_fan_out, ranks = set(), False, set()
     for name, layer in nora_layers(model):

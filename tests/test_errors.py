@@ -1,0 +1,377 @@
+"""Every user-facing error of nora: one test each, asserting the exception type and a key phrase of the message.
+
+docs/errors.md is the catalogue of these errors (error | message | fix | test name); keep the two in sync.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import _models as M
+import nora
+from nora.model import CALIBRATION_ATTR
+
+
+def lin_config(**kwargs) -> nora.NoraConfig:
+    return nora.NoraConfig(**{"r": 4, "r_inner": 2, "target_modules": ["lin"], **kwargs})
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A Llama NoRA adapter saved with save_pretrained, and a pristine copy of its base model."""
+    path = tmp_path_factory.mktemp("adapter")
+    base = M.fresh("llama")
+    pristine = copy.deepcopy(base)
+    model = get_peft_model(base, nora.NoraConfig(r=8, r_inner=4, init_weights=False))
+    model.save_pretrained(path)
+    return path, pristine
+
+
+def copy_adapter(saved_adapter, tmp_path):
+    src, pristine = saved_adapter
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    return tmp_path, copy.deepcopy(pristine)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NoraConfig validation
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_r_not_positive(value):
+    with pytest.raises(ValueError, match=r"r must be a positive integer"):
+        nora.NoraConfig(r=value)
+
+
+@pytest.mark.parametrize("value", [4.0, "4", True])
+def test_r_not_an_integer(value):
+    with pytest.raises(ValueError, match=r"r must be a positive integer"):
+        nora.NoraConfig(r=value, r_inner=1)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+def test_r_inner_not_a_positive_integer(value):
+    with pytest.raises(ValueError, match=r"r_inner must be a positive integer"):
+        nora.NoraConfig(r=8, r_inner=value)
+
+
+def test_r_inner_exceeds_r():
+    with pytest.raises(ValueError, match=r"r_inner=16 exceeds the outer rank r=8"):
+        nora.NoraConfig(r=8, r_inner=16)
+    nora.NoraConfig(r=8, r_inner=16, structure="adapter")  # 'adapter' ignores r_inner
+
+
+@pytest.mark.parametrize(
+    ("field", "valid"),
+    [
+        ("structure", "'nested', 'output', 'parallel', 'adapter'"),
+        ("outer_init", "'svd', 'awsvd', 'random'"),
+        ("inner_init", "'zeros', 'gaussian', 'uniform', 'sqrt_sigma'"),
+        ("svd_method", "'full', 'randomized'"),
+    ],
+)
+def test_unknown_choice_lists_valid_values(field, valid):
+    with pytest.raises(ValueError, match=rf"unknown {field}='bogus'; valid values are {valid}"):
+        nora.NoraConfig(**{field: "bogus"})
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_not_none(bias):
+    with pytest.raises(ValueError, match=r"only supports bias='none'"):
+        nora.NoraConfig(bias=bias)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_nora_dropout_out_of_range(value):
+    with pytest.raises(ValueError, match=r"nora_dropout must be in \[0, 1\)"):
+        nora.NoraConfig(nora_dropout=value)
+
+
+def test_awsvd_alpha_negative():
+    with pytest.raises(ValueError, match=r"awsvd_alpha must be >= 0"):
+        nora.NoraConfig(awsvd_alpha=-0.5)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -1e-3])
+def test_awsvd_eps_out_of_range(value):
+    with pytest.raises(ValueError, match=r"awsvd_eps must be in \(0, 1\)"):
+        nora.NoraConfig(awsvd_eps=value)
+
+
+def test_inner_init_std_not_positive():
+    with pytest.raises(ValueError, match=r"inner_init_std must be > 0"):
+        nora.NoraConfig(inner_init_std=0.0)
+
+
+def test_svd_niter_or_oversample_negative():
+    with pytest.raises(ValueError, match=r"svd_niter and svd_oversample must be >= 0"):
+        nora.NoraConfig(svd_niter=-1)
+    with pytest.raises(ValueError, match=r"svd_niter and svd_oversample must be >= 0"):
+        nora.NoraConfig(svd_oversample=-1)
+
+
+def test_layers_pattern_without_layers_to_transform():
+    with pytest.raises(ValueError, match=r"layers_pattern is only used together with layers_to_transform"):
+        nora.NoraConfig(layers_pattern="layers")
+
+
+def test_newer_format_version():
+    with pytest.raises(ValueError, match=r"uses nora format version 99.*Upgrade nora-peft"):
+        nora.NoraConfig(format_version=99)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# get_peft_model
+
+
+def test_r_exceeds_min_dimension():
+    with pytest.raises(ValueError, match=r"outer rank r=5 exceeds min\(out, in\)=min\(4, 8\)=4"):
+        get_peft_model(M.OneLinear(4, 8), lin_config(r=5))
+
+
+def test_no_module_matched_lists_module_names():
+    with pytest.raises(ValueError, match=r"no module matched target_modules") as info:
+        get_peft_model(M.fresh("llama"), nora.NoraConfig(r=4, r_inner=2, target_modules=["query", "value"]))
+    for name in ("q_proj", "down_proj", "lm_head"):
+        assert name in str(info.value)
+
+
+def test_no_default_target_modules_for_unknown_model():
+    with pytest.raises(ValueError, match=r"target_modules is not set and nora has no default for model_type="):
+        get_peft_model(M.OneLinear(8, 8), nora.NoraConfig(r=4, r_inner=2))
+
+
+@pytest.mark.parametrize(
+    ("family", "target", "kind"), [("llama", "embed_tokens", "Embedding"), ("unet", "conv_in", "Conv2d")]
+)
+def test_unsupported_module_type(family, target, kind):
+    with pytest.raises(TypeError, match=rf"is a {kind}; only torch.nn.Linear and transformers Conv1D are supported"):
+        get_peft_model(M.fresh(family), nora.NoraConfig(r=4, r_inner=2, target_modules=[target]))
+
+
+def test_non_float_base_weight():
+    base = M.OneLinear(8, 8)
+    base.lin.weight = nn.Parameter(torch.ones(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"needs a floating-point base weight, got dtype torch.int8"):
+        get_peft_model(base, lin_config())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_base_weight(value):
+    base = M.OneLinear(8, 8)
+    with torch.no_grad():
+        base.lin.weight[2, 3] = value
+    with pytest.raises(ValueError, match=r"contains NaN or inf"):
+        get_peft_model(base, lin_config())
+
+
+def test_awsvd_without_calibration():
+    with pytest.raises(ValueError, match=r"outer_init='awsvd' but this module has no calibration statistics"):
+        get_peft_model(M.OneLinear(8, 8), lin_config(outer_init="awsvd"))
+
+
+def test_awsvd_statistics_of_wrong_shape_on_the_module():
+    base = M.OneLinear(8, 6)
+    setattr(base.lin, CALIBRATION_ATTR, torch.ones(5))  # bypassing set_calibration's checks
+    with pytest.raises(ValueError, match=r"calibration statistics have shape \(5,\) but the layer has 6 input"):
+        get_peft_model(base, lin_config(outer_init="awsvd"))
+
+
+def test_awsvd_statistics_all_zero():
+    base = M.OneLinear(8, 6)
+    nora.set_calibration(base, {"lin": torch.zeros(6)})
+    with pytest.raises(ValueError, match=r"statistics are all zero or non-finite"):
+        get_peft_model(base, lin_config(outer_init="awsvd"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# calibration
+
+
+def test_set_calibration_unknown_module():
+    with pytest.raises(ValueError, match=r"name module 'model.layers.7.mlp.up_proj', which this model does not have"):
+        nora.set_calibration(M.fresh("llama"), {"model.layers.7.mlp.up_proj": torch.ones(32)})
+
+
+def test_set_calibration_wrong_shape():
+    with pytest.raises(ValueError, match=r"have shape \(31,\), but the module has 32 input features"):
+        nora.set_calibration(M.fresh("llama"), {"model.layers.0.self_attn.q_proj": torch.ones(31)})
+
+
+def test_set_calibration_wrong_shape_conv1d():
+    with pytest.raises(ValueError, match=r"have shape \(96,\), but the module has 32 input features"):
+        nora.set_calibration(M.fresh("gpt2"), {"transformer.h.0.attn.c_attn": torch.ones(96)})
+
+
+def test_calibrate_empty_iterable():
+    with pytest.raises(ValueError, match=r"yielded no batches"):
+        nora.calibrate(M.fresh("llama"), nora.NoraConfig(r=4, r_inner=2), [], progress=False)
+
+
+def test_calibrate_after_get_peft_model():
+    model = get_peft_model(M.fresh("llama"), nora.NoraConfig(r=4, r_inner=2))
+    with pytest.raises(ValueError, match=r"expects the base model before get_peft_model"):
+        nora.calibrate(model, nora.NoraConfig(r=4, r_inner=2), [M.inputs("llama")], progress=False)
+
+
+def test_calibrate_no_module_matched():
+    with pytest.raises(ValueError, match=r"no Linear/Conv1D module matched target_modules"):
+        nora.calibrate(M.OneLinear(4, 4), lin_config(target_modules=["nothing"]), [torch.ones(1, 4)], progress=False)
+
+
+def test_calibrate_target_never_ran():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    cfg = nora.NoraConfig(r=2, r_inner=1, target_modules=["used", "unused"])
+    with pytest.raises(ValueError, match=r"1 target modules never ran during calibration \(e.g. 'unused'\)"):
+        nora.calibrate(TwoHeads(), cfg, [torch.ones(2, 4)], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading a saved adapter
+
+
+def test_load_onto_base_with_other_shapes(saved_adapter):
+    path, _ = saved_adapter
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=M.VOCAB,
+        )
+    )
+    with pytest.raises(ValueError, match=r"does not fit this base model: module .*shape \(48, 48\) != \(32, 32\)"):
+        PeftModel.from_pretrained(other, path)
+
+
+def test_load_adapter_whose_tensor_shapes_do_not_fit(saved_adapter):
+    """With the fingerprint check off, the shape check on the state dict still names the offending tensor."""
+    path, _ = saved_adapter
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=M.VOCAB,
+        )
+    )
+    cfg = nora.NoraConfig.from_pretrained(path)
+    cfg.check_base_fingerprint = False
+    with pytest.raises(
+        ValueError, match=r"adapter shapes do not fit the base model \(\d+ tensors\), e.g. .*checkpoint"
+    ):
+        PeftModel.from_pretrained(other, path, config=cfg)
+
+
+def test_load_onto_different_base_with_same_shapes_and_override(saved_adapter):
+    path, _ = saved_adapter
+    other = M.build("llama", seed=123)
+    with pytest.raises(ValueError, match=r"does not fit this base model.*check_base_fingerprint = False"):
+        PeftModel.from_pretrained(other, path)
+    cfg = nora.NoraConfig.from_pretrained(path)
+    cfg.check_base_fingerprint = False
+    model = PeftModel.from_pretrained(other, path, config=cfg)  # the documented override loads it anyway
+    assert torch.isfinite(M.output("llama", model, M.inputs("llama"))).all()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.0])
+def test_load_truncated_safetensors(saved_adapter, tmp_path, keep):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is corrupt or truncated"):
+        PeftModel.from_pretrained(base, path)
+
+
+def test_load_garbage_safetensors(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    (path / "adapter_model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=r"is corrupt or truncated"):
+        PeftModel.from_pretrained(base, path)
+
+
+def test_load_missing_weights_file(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has adapter_config.json but no adapter_model.safetensors"):
+        PeftModel.from_pretrained(base, path)
+
+
+def test_load_weights_without_outer_factors(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if ".nora_B" not in k}
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"lacks the frozen outer factors"):
+        PeftModel.from_pretrained(base, path)
+
+
+def test_load_missing_adapter_config(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    (path / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json'"):  # raised by PEFT
+        PeftModel.from_pretrained(base, path)
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json"):
+        nora.NoraConfig.from_pretrained(path)
+
+
+def test_load_invalid_json_config(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    (path / "adapter_config.json").write_text('{"r": 8, "peft_type": ')
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+        nora.NoraConfig.from_pretrained(path)
+    # PeftModel.from_pretrained reads the file in PEFT before nora is involved: json.JSONDecodeError (a ValueError)
+    with pytest.raises(json.JSONDecodeError, match=r"line 1 column"):
+        PeftModel.from_pretrained(base, path)
+
+
+def test_load_config_from_newer_format_version(saved_adapter, tmp_path):
+    path, base = copy_adapter(saved_adapter, tmp_path)
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["format_version"] = 2
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"uses nora format version 2, but the installed nora reads versions <= 1"):
+        PeftModel.from_pretrained(base, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export / merge
+
+
+def test_export_lora_unknown_adapter(tmp_path):
+    model = get_peft_model(M.OneLinear(8, 8), lin_config())
+    with pytest.raises(ValueError, match=r"has no NoRA layers for adapter 'other'"):
+        nora.export_lora(model, tmp_path, adapter_name="other")
+    with pytest.raises(ValueError, match=r"has no NoRA layers for adapter 'default'"):
+        nora.export_lora(M.OneLinear(8, 8), tmp_path)  # not a PeftModel
+
+
+def test_safe_merge_detects_non_finite_weights():
+    model = get_peft_model(M.OneLinear(8, 8), lin_config(init_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin.nora_inner_B["default"][0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"NaNs/infs in the merged weights"):
+        model.merge_adapter(safe_merge=True)
