@@ -375,3 +375,15 @@ def test_safe_merge_detects_non_finite_weights():
         model.base_model.model.lin.nora_inner_B["default"][0, 0] = math.inf
     with pytest.raises(ValueError, match=r"NaNs/infs in the merged weights"):
         model.merge_adapter(safe_merge=True)
+
+
+def test_catalogue_lists_every_error_test():
+    """docs/errors.md and this file stay in sync: every test named there exists, every test here is named there."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)", doc))
+    here = {name for name in globals() if name.startswith("test_")} - {"test_catalogue_lists_every_error_test"}
+    assert named - here == set(), "docs/errors.md names tests that do not exist"
+    assert here - named == set(), "tests missing from docs/errors.md"
