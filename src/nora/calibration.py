@@ -95,8 +95,8 @@ def calibrate(
             flat = x.reshape(-1, x.shape[-1])
             mask = state["mask"]
             if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                weights = mask.reshape(-1, 1).to(flat.dtype)
-                total, count = (flat * weights).sum(0), int(weights.sum())
+                keep = mask.reshape(-1).to(torch.bool)  # select, don't multiply: 0 * inf at a pad would be NaN
+                total, count = flat[keep].sum(0), int(keep.sum())
             else:
                 total, count = flat.sum(0), flat.shape[0]
             total = total.double()
