@@ -125,8 +125,10 @@ class NoraLayer(BaseTunerLayer):
                 niter=config.svd_niter,
                 oversample=config.svd_oversample,
             )
-        self.nora_B[adapter_name] = B.to(weight.dtype).contiguous()
-        self.nora_A[adapter_name] = A.to(weight.dtype).contiguous()
+        # canonical strides (an SVD factor with a size-1 dim can be "contiguous" with stride (1, m)): a reloaded
+        # adapter gets canonical strides too, and matmul results must not depend on the layout
+        self.nora_B[adapter_name] = B.to(weight.dtype).clone(memory_format=torch.contiguous_format)
+        self.nora_A[adapter_name] = A.to(weight.dtype).clone(memory_format=torch.contiguous_format)
 
         shape_B, shape_A = inner_shapes(config.structure, m, r, config.r_inner)
         method = config.inner_init if config.init_weights else "gaussian"

@@ -1,0 +1,179 @@
+"""Property-based tests (hypothesis) on a single nn.Linear wrapped by get_peft_model(target_modules=["lin"]).
+
+Drawn: (m, n) in [2, 24]^2, r <= min(m, n), r_inner <= r, base dtype fp32 / bf16 / fp16, every structure, every
+inner init, init_weights True/False, outer init svd / awsvd (random positive statistics) / random, bias on/off.
+
+Tolerances scale with the dtype's machine epsilon eps and the magnitudes involved (|W|, |dW|, |x|): a merge and an
+unmerge each round once to the base dtype, so |W_restored - W| <= 4 eps max(|W|, |W + dW|). Examples are derandomized
+so CI is reproducible.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+
+import _models as M
+import nora
+from nora.export import lora_state_dict
+
+STRUCTURES = ("nested", "output", "parallel", "adapter")
+INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("NORA_HYP", 40)),
+    deadline=None,
+    derandomize=not __import__("os").environ.get("NORA_HYP"),
+)
+
+
+@st.composite
+def setups(draw):
+    m, n = draw(st.integers(2, 24)), draw(st.integers(2, 24))
+    r = draw(st.integers(1, min(m, n)))
+    return {
+        "m": m,
+        "n": n,
+        "r": r,
+        "r_inner": draw(st.integers(1, r)),
+        "structure": draw(st.sampled_from(STRUCTURES)),
+        "inner_init": draw(st.sampled_from(INNER_INITS)),
+        "init_weights": draw(st.booleans()),
+        "outer_init": draw(st.sampled_from(("svd", "awsvd", "random"))),
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "bias": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**20)),
+    }
+
+
+def build(s):
+    """(base copy, peft model, input) for a drawn setup."""
+    torch.manual_seed(s["seed"])
+    base = M.OneLinear(s["m"], s["n"], dtype=s["dtype"], bias=s["bias"])
+    if s["outer_init"] == "awsvd":
+        nora.set_calibration(base, {"lin": torch.rand(s["n"]) * 3 + 0.01})
+    pristine = copy.deepcopy(base)
+    cfg = nora.NoraConfig(
+        r=s["r"],
+        r_inner=s["r_inner"],
+        target_modules=["lin"],
+        structure=s["structure"],
+        inner_init=s["inner_init"],
+        init_weights=s["init_weights"],
+        outer_init=s["outer_init"],
+        inner_init_std=0.1,
+    )
+    model = get_peft_model(base, cfg)
+    x = torch.randn(3, s["n"]).to(s["dtype"])
+    return pristine, model, x
+
+
+def eps(dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def delta32(layer) -> torch.Tensor:
+    left, right = layer._factors("default")
+    return left.float() @ right.float()
+
+
+@SETTINGS
+@given(setups())
+def test_merge_unmerge_round_trip(s):
+    _, model, x = build(s)
+    layer = model.base_model.model.lin
+    W = layer.get_base_layer().weight.detach().clone()
+    dW = delta32(layer)
+    with torch.no_grad():
+        out = model(x)
+        model.merge_adapter()
+        merged_W = layer.get_base_layer().weight.detach().clone()
+        merged = model(x)
+        model.unmerge_adapter()
+        restored = layer.get_base_layer().weight.detach().clone()
+    e = eps(s["dtype"])
+    w_scale = max(W.float().abs().max().item(), (W.float() + dW).abs().max().item())
+    torch.testing.assert_close(merged_W.float(), W.float() + dW, atol=2 * e * w_scale + 1e-30, rtol=0)
+    torch.testing.assert_close(restored.float(), W.float(), atol=4 * e * w_scale + 1e-30, rtol=0)
+    if s["dtype"] == torch.float32:
+        torch.testing.assert_close(restored, W, atol=1e-6, rtol=0)
+    # merged and unmerged outputs agree within the rounding of one matmul in the base dtype
+    x32 = x.float()
+    magnitude = (x32.abs() @ (W.float().abs() + dW.abs()).T).max().item()
+    if layer.get_base_layer().bias is not None:
+        magnitude += layer.get_base_layer().bias.float().abs().max().item()
+    torch.testing.assert_close(merged.float(), out.float(), atol=8 * e * magnitude + 1e-6, rtol=0)
+    # and the unmerged output is W x + b + dW x
+    expected = x32 @ (W.float() + dW).T
+    if layer.get_base_layer().bias is not None:
+        expected = expected + layer.get_base_layer().bias.float()
+    torch.testing.assert_close(out.float(), expected, atol=8 * e * magnitude + 1e-5, rtol=0)
+
+
+@SETTINGS
+@given(setups())
+def test_export_lora_factors_reproduce_delta_weight(s):
+    _, model, _ = build(s)
+    layer = model.base_model.model.lin
+    lora_config, state = lora_state_dict(model)
+    k = s["r"] if s["structure"] == "adapter" else s["r_inner"]
+    assert lora_config.r == lora_config.lora_alpha == k
+    lora_A = state["base_model.model.lin.lora_A.weight"]
+    lora_B = state["base_model.model.lin.lora_B.weight"]
+    assert lora_A.shape == (k, s["n"]) and lora_B.shape == (s["m"], k)
+    assert lora_A.dtype == lora_B.dtype == s["dtype"]
+    left, right = layer._factors("default")
+    bound = (left.float().abs() @ right.float().abs()).max().item()
+    product = lora_B.float() @ lora_A.float()
+    torch.testing.assert_close(product, delta32(layer), atol=4 * eps(s["dtype"]) * bound + 1e-7, rtol=0)
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == s["dtype"]
+    torch.testing.assert_close(product, delta.float(), atol=4 * eps(s["dtype"]) * bound + 1e-7, rtol=0)
+
+
+@SETTINGS
+@given(setups())
+def test_save_load_is_bit_identical(s):
+    pristine, model, x = build(s)
+    with torch.no_grad():
+        out = model(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        loaded = PeftModel.from_pretrained(pristine, tmp)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    for key, value in saved.items():
+        if "nora" in key:
+            assert torch.equal(restored[key], value), key
+
+
+@SETTINGS
+@given(setups())
+def test_outputs_are_finite_and_identity_when_documented(s):
+    pristine, model, x = build(s)
+    with torch.no_grad():
+        out, ref = model(x), pristine(x)
+    assert out.dtype == s["dtype"] and out.shape == (3, s["m"])
+    assert torch.isfinite(out).all()
+    if s["inner_init"] == "zeros" and s["init_weights"]:
+        assert torch.equal(out, ref)
+
+
+@SETTINGS
+@given(setups())
+def test_trainable_count_formula(s):
+    _, model, _ = build(s)
+    m, r, ri = s["m"], s["r"], s["r_inner"]
+    expected = {"nested": 2 * r * ri, "output": 2 * m * ri, "parallel": m * ri + ri * r, "adapter": r * r}
+    assert model.get_nb_trainable_parameters()[0] == expected[s["structure"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    layer = model.base_model.model.lin
+    assert layer.nora_B["default"].dtype == layer.nora_A["default"].dtype == s["dtype"]
