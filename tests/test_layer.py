@@ -1,0 +1,208 @@
+"""The NoRA layer: the forward equals W x + b + s dW x for every structure, folding, scaling, dropout, Conv1D layout,
+several adapters at once, merge semantics."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import _models as M
+import nora
+from nora.layer import fold_factors
+
+STRUCTURES = ("nested", "output", "parallel", "adapter")
+
+
+def lin_model(m=12, n=10, seed=0, dtype=torch.float32, **kwargs):
+    torch.manual_seed(seed)
+    cfg = nora.NoraConfig(**{"r": 6, "r_inner": 3, "target_modules": ["lin"], "init_weights": False, **kwargs})
+    model = get_peft_model(M.OneLinear(m, n, dtype=dtype), cfg)
+    return model, model.base_model.model.lin
+
+
+def explicit_delta(structure, B, A, inner_B, inner_A, s):
+    """dW written out as in the NoraConfig docstring."""
+    if structure == "nested":
+        return s * B @ inner_B @ inner_A @ A
+    if structure == "output":
+        return s * inner_B @ inner_A @ B @ A
+    if structure == "parallel":
+        return s * inner_B @ inner_A @ A
+    return s * B @ inner_B @ A  # adapter: B R A
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_fold_factors_is_the_documented_product(structure):
+    g = torch.Generator().manual_seed(0)
+    m, n, r, k = 9, 7, 5, 3
+    B, A = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+    shapes = {
+        "nested": ((r, k), (k, r)),
+        "output": ((m, k), (k, m)),
+        "parallel": ((m, k), (k, r)),
+        "adapter": ((r, r), None),
+    }
+    sb, sa = shapes[structure]
+    inner_B = torch.randn(*sb, generator=g)
+    inner_A = torch.randn(*sa, generator=g) if sa else None
+    left, right = fold_factors(structure, B, A, inner_B, inner_A)
+    expected_k = r if structure == "adapter" else k
+    assert left.shape == (m, expected_k) and right.shape == (expected_k, n)
+    torch.testing.assert_close(left @ right, explicit_delta(structure, B, A, inner_B, inner_A, 1.0))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("alpha", [None, 12.0])
+def test_forward_is_base_plus_scaled_delta(structure, alpha):
+    model, layer = lin_model(structure=structure, alpha=alpha)
+    width = 6 if structure == "adapter" else 3
+    s = 1.0 if alpha is None else alpha / width
+    assert layer.scaling["default"] == pytest.approx(s) == model.peft_config["default"].scaling
+    base = layer.get_base_layer()
+    B, A = layer.nora_B["default"], layer.nora_A["default"]
+    inner_B, inner_A = layer.nora_inner_B["default"], layer.nora_inner_A.get("default")
+    dW = explicit_delta(structure, B, A, inner_B, inner_A, s)
+    torch.testing.assert_close(layer.get_delta_weight("default"), dW.detach(), atol=1e-6, rtol=0)
+    x = torch.randn(2, 4, 10)  # extra leading dims
+    with torch.no_grad():
+        out = model(x)
+        expected = x @ (base.weight + dW).T + base.bias
+    assert out.shape == (2, 4, 12)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_only_inner_factors():
+    model, layer = lin_model(structure="nested")
+    model(torch.randn(5, 10)).pow(2).sum().backward()
+    assert layer.nora_inner_B["default"].grad is not None and layer.nora_inner_A["default"].grad is not None
+    assert layer.get_base_layer().weight.grad is None and layer.get_base_layer().bias.grad is None
+    assert not layer.nora_B["default"].requires_grad and not layer.nora_A["default"].requires_grad
+    buffer_names = {name for name, _ in layer.named_buffers()}
+    assert {"nora_B.default", "nora_A.default"} <= buffer_names
+
+
+def test_dropout_acts_on_the_adapter_input_only():
+    model, layer = lin_model(nora_dropout=0.5)
+    assert isinstance(layer.nora_dropout["default"], nn.Dropout)
+    _, plain = lin_model(nora_dropout=0.0)
+    assert isinstance(plain.nora_dropout["default"], nn.Identity)
+    x = torch.randn(64, 10)
+    with torch.no_grad():
+        model.eval()
+        eval_out = model(x)
+        model.train()
+        torch.manual_seed(0)
+        train_a = model(x)
+        torch.manual_seed(1)
+        train_b = model(x)
+        with model.disable_adapter():
+            base_train = model(x)
+    assert not torch.equal(train_a, train_b)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        base_eval = model(x)
+    assert torch.equal(base_train, base_eval)  # the base path never sees the dropout
+    # the mean over dropout masks is the eval output (inverted dropout), roughly
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.train()
+        mean = torch.stack([model(x) for _ in range(200)]).mean(0)
+    torch.testing.assert_close(mean, eval_out, atol=0.05, rtol=0)
+
+
+def test_conv1d_layout():
+    model = get_peft_model(M.fresh("gpt2"), nora.NoraConfig(r=8, r_inner=4, init_weights=False))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    base = layer.get_base_layer()
+    assert isinstance(base, Conv1D) and layer.fan_in_fan_out
+    assert model.peft_config["default"].fan_in_fan_out
+    n, m = base.weight.shape  # Conv1D stores (in, out)
+    assert (layer.in_features, layer.out_features) == (n, m)
+    assert layer.nora_B["default"].shape == (m, 8) and layer.nora_A["default"].shape == (8, n)
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == base.weight.shape
+    lora_A, lora_B = layer.lora_factors("default")
+    torch.testing.assert_close(delta, (lora_B @ lora_A).T, atol=1e-7, rtol=0)
+    x = torch.randn(2, 3, n)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + x @ delta, atol=1e-6, rtol=0)
+        # the outer factors reproduce the (out, in) weight, not its transpose
+        full = get_peft_model(M.fresh("gpt2"), nora.NoraConfig(r=32, r_inner=4, target_modules=["c_proj"]))
+        c_proj = full.base_model.model.transformer.h[0].attn.c_proj
+        BA = c_proj.nora_B["default"] @ c_proj.nora_A["default"]
+        torch.testing.assert_close(BA, c_proj.get_base_layer().weight.T, atol=1e-5, rtol=0)
+
+
+def test_two_active_adapters_add_up_and_merge():
+    model, layer = lin_model(structure="nested")
+    model.add_adapter(
+        "b", nora.NoraConfig(r=4, r_inner=2, target_modules=["lin"], structure="output", init_weights=False)
+    )
+    x = torch.randn(3, 10)
+    base = layer.get_base_layer()
+    dW = layer.get_delta_weight("default") + layer.get_delta_weight("b")
+    model.base_model.set_adapter(["default", "b"])
+    assert layer.active_adapters == ["default", "b"]
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, base(x) + x @ dW.T, atol=1e-6, rtol=0)
+        model.merge_adapter()
+        assert layer.merged_adapters == ["default", "b"]
+        torch.testing.assert_close(model(x), out, atol=1e-6, rtol=0)
+        model.unmerge_adapter()
+        assert not layer.merged
+
+
+def test_unmerge_when_not_merged_warns():
+    _, layer = lin_model()
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        layer.unmerge()
+
+
+def test_disable_adapter_on_a_merged_model_unmerges():
+    model, layer = lin_model()
+    x = torch.randn(3, 10)
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(x)
+    model.merge_adapter()
+    with torch.no_grad(), model.disable_adapter():
+        out = model(x)
+    assert not layer.merged
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_merge_is_a_noop_for_merged_adapters():
+    model, layer = lin_model()
+    model.merge_adapter()
+    weight = layer.get_base_layer().weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge()
+        layer.merge(adapter_names=["default"])
+    assert torch.equal(layer.get_base_layer().weight, weight)
+    assert layer.merged_adapters == ["default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_computes_the_adapter_in_float32(dtype):
+    model, layer = lin_model(dtype=dtype, structure="parallel")
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        out = model(x.to(dtype))
+        base = layer.get_base_layer()
+        left, right = layer._factors("default")
+        assert left.dtype == right.dtype == torch.float32
+        expected = base(x.to(dtype)).float() + x.to(dtype).float() @ (left @ right).T
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=4 * torch.finfo(dtype).eps * expected.abs().max(), rtol=0)
+
+
+def test_repr_and_lora_conversion_flag():
+    _, layer = lin_model()
+    assert repr(layer).startswith("nora.")
+    assert layer.supports_lora_conversion()
