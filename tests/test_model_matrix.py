@@ -223,7 +223,7 @@ def test_export_lora_loads_in_plain_peft_subprocess(tmp_path):
         dirs.append(str(case_dir))
         n_layers[str(case_dir)] = len(list(nora_layers(model)))
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     tests_dir = str(Path(__file__).parent)
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_PEFT_SCRIPT, tests_dir, *dirs],
