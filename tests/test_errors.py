@@ -357,6 +357,22 @@ def test_load_config_from_newer_format_version(saved_adapter, tmp_path):
         PeftModel.from_pretrained(base, path)
 
 
+def test_checkpoint_config_used_without_loading_the_weights(saved_adapter):
+    """get_peft_model with a config read by NoraConfig.from_pretrained leaves placeholder outer factors for the
+    checkpoint; using them before the weights are loaded is an error, not a silently dead adapter."""
+    path, pristine = saved_adapter
+    cfg = nora.NoraConfig.from_pretrained(path)
+    model = get_peft_model(copy.deepcopy(pristine), cfg)
+    with pytest.raises(RuntimeError, match=r"the frozen outer factors were never loaded"):
+        model(**M.inputs("llama"))
+    with pytest.raises(RuntimeError, match=r"the frozen outer factors were never loaded"):
+        model.merge_adapter()
+    fresh = get_peft_model(copy.deepcopy(pristine), nora.NoraConfig(**cfg.to_dict()))  # the documented fix
+    assert torch.isfinite(M.output("llama", fresh, M.inputs("llama"))).all()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), path, config=nora.NoraConfig.from_pretrained(path))
+    assert torch.isfinite(M.output("llama", loaded, M.inputs("llama"))).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # export / merge
 

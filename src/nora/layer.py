@@ -69,6 +69,8 @@ class NoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.kwargs = kwargs
+        # adapters built from a checkpoint config whose zero placeholder outer factors have not been loaded yet
+        self._outer_pending: set[str] = set()
 
     def _base_weight_mn(self) -> torch.Tensor:
         """The base weight as (out, in) = (m, n), whatever the layer's storage layout."""
@@ -93,7 +95,12 @@ class NoraLayer(BaseTunerLayer):
         self.structure[adapter_name] = config.structure
         self.nora_dropout[adapter_name] = nn.Dropout(config.nora_dropout) if config.nora_dropout > 0 else nn.Identity()
 
-        skip_init = weight.device.type == "meta" or getattr(config, "_from_checkpoint", False)
+        from_checkpoint = getattr(config, "_from_checkpoint", False)
+        skip_init = weight.device.type == "meta" or from_checkpoint
+        if from_checkpoint and weight.device.type != "meta":
+            self._outer_pending.add(adapter_name)  # cleared by _load_from_state_dict
+        else:
+            self._outer_pending.discard(adapter_name)
         if skip_init:
             # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.
             B = torch.zeros(m, r, dtype=weight.dtype, device=weight.device)
@@ -142,6 +149,13 @@ class NoraLayer(BaseTunerLayer):
 
     def _factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(s * left, right) in the inner parameters' dtype, so dW = left @ right."""
+        if adapter in self._outer_pending:
+            raise RuntimeError(
+                f"NoRA adapter {adapter!r}: the frozen outer factors were never loaded. The config came from "
+                "NoraConfig.from_pretrained (a saved adapter), so get_peft_model left placeholders for the "
+                "checkpoint. Load the adapter with PeftModel.from_pretrained(base, adapter_dir), or start a new "
+                "adapter from a fresh config: NoraConfig(**cfg.to_dict())."
+            )
         inner_B = self.nora_inner_B[adapter]
         inner_A = self.nora_inner_A.get(adapter)
         dtype = inner_B.dtype
@@ -184,6 +198,12 @@ class Linear(nn.Module, NoraLayer):
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # Conv1D stores weight as (in, out)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, act_mean_abs=act_mean_abs, module_name=module_name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in list(self._outer_pending):
+            if f"{prefix}nora_B.{name}" in state_dict and f"{prefix}nora_A.{name}" in state_dict:
+                self._outer_pending.discard(name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' dW to the base weight. Merging an already merged adapter is a no-op."""
