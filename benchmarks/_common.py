@@ -87,6 +87,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
         fh.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

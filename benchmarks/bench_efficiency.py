@@ -1,0 +1,590 @@
+"""Training-step efficiency on SmolLM2-135M (fp32, CPU): NoRA vs LoRA / DoRA / PiSSA / VeRA / LoRA-XS / full FT and a
+frozen floor, all on the 7 linear projections, same batch of real text.
+
+    python benchmarks/bench_efficiency.py                       # all methods, writes results/efficiency.json
+    python benchmarks/bench_efficiency.py --reps 5 --methods floor nora_64_32 lora_64
+
+Design
+- ONE worker subprocess per method (so ru_maxrss is that method's own peak RSS). All workers are started first and stay
+  alive; the driver then asks them round-robin for one timed step each (A B C ... A B C ...), so slow drifts of the
+  shared machine hit every method alike. Reported step time = median over the rounds.
+- A step is zero_grad + forward (labels = inputs) + backward + AdamW.step(). The frozen floor has no adapter and
+  no trainable parameter but its embedding output requires grad (`enable_input_require_grads`), so it runs the full
+  backward through every layer (input gradients only): the least work any adapter method must do.
+- Peak RSS: ru_maxrss of the worker, reset (/proc/self/clear_refs = 5) once the model is built, so "train peak" is
+  the high-water mark of warm-up + timed steps + save_pretrained; "setup peak" is the loading/initialisation peak.
+- Each method's worker result is cached in results/cache/efficiency/<method>__seed<seed>.json (keyed by the run
+  parameters); rerunning resumes only the missing methods, and always re-measures the floor and LoRA r=64 with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+BENCH = "efficiency"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "floor": "frozen floor (no adapter, input grads)",
+    "nora_64_32": "NoRA r=64/32",
+    "lora_16": "LoRA r=16",
+    "lora_64": "LoRA r=64",
+    "dora_16": "DoRA r=16",
+    "pissa_16": "PiSSA r=16 (niter 4)",
+    "vera_256": "VeRA r=256",
+    "loraxs_64": "LoRA-XS r=64",
+    "full_ft": "full fine-tuning",
+}
+REFERENCE = ("floor", "lora_64")
+ADAMW_FLOPS_PER_PARAM = 12  # a rough count of AdamW's elementwise work per trainable parameter and step
+
+
+# ======================================================================================================= model/method
+def build(method: str, seed: int):
+    """(model, trainable params) for a method; the base model is SmolLM2-135M in float32."""
+    import torch
+    from peft import LoraConfig, VeraConfig, get_peft_model
+
+    import nora
+
+    torch.manual_seed(seed)
+    model, _tok = _common.load_model()
+    model.config.use_cache = False
+    if method == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    elif method == "full_ft":
+        model.requires_grad_(True)
+    else:
+        if method == "nora_64_32":
+            cfg = nora.NoraConfig(r=64, r_inner=32, target_modules=TARGETS, init_seed=seed)
+        elif method == "loraxs_64":
+            cfg = nora.NoraConfig(r=64, structure="adapter", target_modules=TARGETS, init_seed=seed)
+        elif method.startswith(("lora_", "dora_", "pissa_")):
+            r = int(method.split("_")[1])
+            cfg = LoraConfig(
+                r=r,
+                lora_alpha=r,
+                lora_dropout=0.0,
+                target_modules=TARGETS,
+                use_dora=method.startswith("dora"),
+                init_lora_weights="pissa_niter_4" if method.startswith("pissa") else True,
+            )
+        elif method.startswith("vera_"):
+            cfg = VeraConfig(r=int(method.split("_")[1]), target_modules=TARGETS, vera_dropout=0.0)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        model = get_peft_model(model, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params
+
+
+def batch_of_text(batch: int, seq: int):
+    """`batch` x `seq` tokens of real text: commonsense training data (instruction + output), packed."""
+    _model, tok = None, None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_common.smollm2_dir())
+    texts = _common.commonsense_texts("train")
+    (b,) = _common.token_batches(tok, texts, n_seq=batch, seq_len=seq, batch_size=batch)
+    return b["input_ids"]
+
+
+def adapter_size(model, method: str) -> dict:
+    """Bytes on disk of save_pretrained (and, for NoRA, of the exact rank-r' LoRA export)."""
+    out = {}
+    tmp = Path(tempfile.mkdtemp(prefix="nora-bench-"))
+    try:
+        if method == "floor":
+            return {"adapter_bytes": 0}
+        if method == "full_ft":
+            model.save_pretrained(tmp / "a", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp / "a")
+        out["adapter_bytes"] = sum(f.stat().st_size for f in (tmp / "a").rglob("*") if f.is_file())
+        out["adapter_weight_bytes"] = sum(f.stat().st_size for f in (tmp / "a").rglob("*.safetensors"))
+        if method == "nora_64_32":
+            import nora
+
+            nora.export_lora(model, tmp / "lora")
+            out["lora_export_bytes"] = sum(f.stat().st_size for f in (tmp / "lora").rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ======================================================================================================= worker
+def worker(method: str, seed: int, batch: int, seq: int, warmup: int, threads: int) -> None:
+    """Runs in its own process: build, then obey 'step' / 'profile' / 'finish' lines on stdin; reply JSON lines."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def reply(obj):
+        sys.stdout.write("@@" + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    model, params = build(method, seed)
+    ids = batch_of_text(batch, seq)
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    setup_s = time.perf_counter() - t0
+    setup_peak = _rss_mb()
+    reset_ok = _reset_peak()
+
+    def step():
+        start = time.perf_counter()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+        return time.perf_counter() - start, float(out.loss)
+
+    warm = [step()[0] for _ in range(warmup)]
+    reply(
+        {
+            "ready": True,
+            "trainable": sum(p.numel() for p in params),
+            "setup_s": setup_s,
+            "setup_peak_mb": setup_peak,
+            "peak_reset": reset_ok,
+            "warmup_s": warm,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    times, losses = [], []
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "step":
+            got = [step() for _ in range(int(cmd[1]) if len(cmd) > 1 else 1)]
+            times += [t for t, _ in got]
+            losses += [loss for _, loss in got]
+            reply({"times": [t for t, _ in got]})
+        elif cmd[0] == "finish":
+            train_peak = _rss_mb()
+            sizes = adapter_size(model, method)
+            reply(
+                {
+                    "done": True,
+                    "times": times,
+                    "loss_first": losses[0] if losses else None,
+                    "loss_last": losses[-1] if losses else None,
+                    "train_peak_mb": train_peak,
+                    "peak_after_save_mb": _rss_mb(),
+                    **sizes,
+                }
+            )
+            return
+
+
+class Worker:
+    def __init__(self, method: str, args, log_dir: Path):
+        self.method = method
+        self.log = open(log_dir / f"{method}.log", "w")  # noqa: SIM115
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            method,
+            "--seed",
+            str(args.seed),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, env=env
+        )
+
+    def recv(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+            self.log.write(line)
+        raise RuntimeError(f"worker {self.method} died (rc={self.proc.wait()}); see its log")
+
+    def send(self, text: str) -> dict:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.recv()
+
+    def close(self):
+        with _suppress():
+            self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+# ======================================================================================================= FLOPs
+def smollm2_dims() -> dict:
+    import json as _json
+
+    cfg = _json.loads((_common.smollm2_dir() / "config.json").read_text())
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+    }
+    return {
+        "layers": cfg["num_hidden_layers"],
+        "heads": cfg["num_attention_heads"],
+        "head_dim": hd,
+        "hidden": h,
+        "vocab": cfg["vocab_size"],
+        "shapes": shapes,
+    }
+
+
+def flops(method: str, batch: int, seq: int, trainable: int = 0) -> dict:
+    """Analytic FLOPs of one training step (matmuls at 2 FLOPs per multiply-add; elementwise work ignored except
+    AdamW). See RESULTS.md for the formulas."""
+    d = smollm2_dims()
+    T, L = batch * seq, d["layers"]
+    p_lin = L * sum(m * n for m, n in d["shapes"].values()) + d["vocab"] * d["hidden"]  # + lm_head
+    fwd_lin = 2 * T * p_lin
+    attn_fwd = L * 4 * batch * d["heads"] * seq * seq * d["head_dim"]  # QK^T and PV, full (non-causal) count
+    base = 2 * fwd_lin + 3 * attn_fwd  # forward + input-gradient backward (attention backward = 2x forward)
+    adapter = 0
+    per_step = 0  # per-step (token-independent) work: folds, DoRA norms
+    for m, n in d["shapes"].values():
+        if method.startswith(("lora_", "pissa_")):
+            r = int(method.split("_")[1])
+            adapter += 6 * T * r * (m + n)
+        elif method.startswith("dora_"):
+            r = int(method.split("_")[1])
+            adapter += 6 * T * r * (m + n)
+            per_step += 2 * n * r * (n + m) + 3 * m * n  # lora_B(lora_A(eye(n))) + ||W + s BA||_c
+        elif method == "nora_64_32":
+            r, k = 64, 32
+            adapter += 6 * T * k * (m + n)  # rank-k LoRA product: fwd 2, bwd dX 1 + dz 1, grads of left/right 2
+            per_step += 4 * r * k * (m + n)  # fold fwd (B B', A' A) + bwd (dB' = B^T dleft, dA' = dright A^T)
+        elif method == "loraxs_64":
+            r = 64
+            adapter += 6 * T * r * m + 4 * T * r * n  # right = A frozen: no dA
+            per_step += 4 * m * r * r
+        elif method.startswith("vera_"):
+            r = int(method.split("_")[1])
+            adapter += 4 * T * r * (m + n)  # fwd 2 + dX 2; lambda grads are elementwise
+    adapter *= L
+    per_step *= L
+    weight_grads = fwd_lin if method == "full_ft" else 0
+    opt = ADAMW_FLOPS_PER_PARAM * trainable
+    total = base + adapter + per_step + weight_grads + opt
+    return {
+        "base": base,
+        "adapter_tokens": adapter,
+        "adapter_per_step": per_step,
+        "weight_grads": weight_grads,
+        "optimizer": opt,
+        "total": total,
+    }
+
+
+# ======================================================================================================= driver
+def run_params(args) -> dict:
+    return {
+        "batch": args.batch,
+        "seq": args.seq,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "group_size": args.group_size,
+    }
+
+
+def drive(methods: list[str], args, run_id: str) -> dict[str, dict]:
+    """Start one worker per method (one at a time), then interleave one timed step per method per round."""
+    log_dir = Path(tempfile.mkdtemp(prefix="nora-eff-logs-"))
+    print(f"worker logs: {log_dir}", flush=True)
+    workers: dict[str, Worker] = {}
+    ready: dict[str, dict] = {}
+    try:
+        for m in methods:  # build one at a time (loading is memory- and CPU-heavy), then keep them all alive
+            workers[m] = Worker(m, args, log_dir)
+            ready[m] = workers[m].recv()
+            print(f"  ready {m}: {ready[m]['trainable']:,} trainable, setup {ready[m]['setup_s']:.1f} s", flush=True)
+        order = list(methods)
+        for rep in range(args.reps):
+            line = []
+            for m in order:
+                t = workers[m].send("step 1")["times"][0]
+                line.append(f"{m}={t:.2f}")
+            print(f"  round {rep + 1}/{args.reps}: " + " ".join(line), flush=True)
+            order = order[1:] + order[:1]  # rotate the start so no method is always first after a pause
+        out = {}
+        for m in methods:
+            fin = workers[m].send("finish")
+            workers[m].close()
+            out[m] = {**ready[m], **fin, "run_id": run_id}
+        return out
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+
+def groups_of(methods: list[str], size: int) -> list[list[str]]:
+    """Measurement groups: each holds the references (floor, LoRA r=64) plus up to `size` other methods, so at most
+    size + 2 models are resident at once (9 resident workers would need ~22 GB at their training peaks)."""
+    refs = [m for m in REFERENCE if m in methods]
+    others = [m for m in methods if m not in refs]
+    if not others:
+        return [refs]
+    return [refs + others[i : i + size] for i in range(0, len(others), size)]
+
+
+def measure(methods: list[str], args) -> dict[str, dict]:
+    """Run the groups; every method's record carries the timings of its own group's references."""
+    out: dict[str, dict] = {}
+    for gi, group in enumerate(groups_of(methods, args.group_size)):
+        run_id = f"{uuid.uuid4().hex[:6]}-g{gi}"
+        print(f"group {gi}: {group} (run {run_id})", flush=True)
+        res = drive(group, args, run_id)
+        refs = {f"ref_{m}_times": res[m]["times"] for m in REFERENCE if m in res}
+        for m in group:
+            rec = {**res[m], **refs, "group": group}
+            if m in REFERENCE and m in out:
+                out[m].setdefault("other_groups", []).append(rec)
+                continue
+            out[m] = rec
+    return out
+
+
+def summarize(results: dict[str, dict], args) -> list[dict]:
+    f_floor = flops("floor", args.batch, args.seq)["total"]
+    rss_lora16 = results.get("lora_16", {}).get("train_peak_mb")
+    rows = []
+    for m, res in results.items():
+        t = _common.median(res["times"])
+        t_floor = _common.median(res["ref_floor_times"])  # the floor measured in this method's own group
+        t_lora64 = _common.median(res["ref_lora_64_times"]) if "ref_lora_64_times" in res else None
+        fl = flops(m, args.batch, args.seq, res["trainable"])
+        flop_floor_t = t_floor * fl["total"] / f_floor
+        q = sorted(res["times"])
+        # per-round ratios: the method and its group's references ran back to back in each round
+        paired_floor = _common.median(a / b for a, b in zip(res["times"], res["ref_floor_times"]))
+        paired_lora64 = (
+            _common.median(a / b for a, b in zip(res["times"], res["ref_lora_64_times"]))
+            if "ref_lora_64_times" in res
+            else None
+        )
+        rows.append(
+            {
+                "method": m,
+                "label": METHODS[m],
+                "trainable": res["trainable"],
+                "step_s": t,
+                "step_min_s": q[0],
+                "step_max_s": q[-1],
+                "n_steps": len(q),
+                "vs_floor": t / t_floor,
+                "vs_lora64": t / t_lora64 if t_lora64 else None,
+                "vs_floor_paired": paired_floor,
+                "vs_lora64_paired": paired_lora64,
+                "vs_flop_floor_paired": paired_floor * f_floor / fl["total"],
+                "gflops": fl["total"] / 1e9,
+                "flops": fl,
+                "flop_ratio": fl["total"] / f_floor,
+                "flop_floor_s": flop_floor_t,
+                "vs_flop_floor": t / flop_floor_t,
+                "train_peak_mb": res["train_peak_mb"],
+                "setup_peak_mb": res["setup_peak_mb"],
+                "rss_peak_mb": max(res["train_peak_mb"], res["setup_peak_mb"]),
+                "vs_lora16_rss": res["train_peak_mb"] / rss_lora16 if rss_lora16 else None,
+                "adapter_bytes": res.get("adapter_bytes"),
+                "adapter_weight_bytes": res.get("adapter_weight_bytes"),
+                "lora_export_bytes": res.get("lora_export_bytes"),
+                "loss_first": res.get("loss_first"),
+                "loss_last": res.get("loss_last"),
+                "run_id": res.get("run_id"),
+                "group": res.get("group"),
+                "group_floor_s": t_floor,
+                "group_lora64_s": t_lora64,
+                "ref_in_other_groups_s": [_common.median(g["times"]) for g in res.get("other_groups", [])],
+            }
+        )
+    return rows
+
+
+def _pair(a, b) -> str:
+    return "-" if a is None else f"{a:.3f} / {b:.3f}"
+
+
+def render(rows: list[dict]) -> str:
+    table = []
+    for r in rows:
+        size = "-" if not r["adapter_bytes"] else f"{r['adapter_bytes'] / 1e6:.2f} MB"
+        if r.get("lora_export_bytes"):
+            size += f" (LoRA export {r['lora_export_bytes'] / 1e6:.2f} MB)"
+        table.append(
+            [
+                r["label"],
+                _common.fmt_int(r["trainable"]),
+                f"{r['step_s']:.2f} [{r['step_min_s']:.2f}-{r['step_max_s']:.2f}]",
+                _pair(r["vs_floor"], r["vs_floor_paired"]),
+                _pair(r["vs_lora64"], r["vs_lora64_paired"]),
+                f"{r['gflops']:.1f} ({r['flop_ratio']:.3f})",
+                _pair(r["vs_flop_floor"], r["vs_flop_floor_paired"]),
+                f"{r['train_peak_mb']:.0f}",
+                f"{r['setup_peak_mb']:.0f}",
+                size,
+            ]
+        )
+    return _common.markdown_table(
+        [
+            "method",
+            "trainable",
+            "step s, median [min-max]",
+            "/ floor (medians / paired)",
+            "/ LoRA r=64 (medians / paired)",
+            "GFLOP/step (/ floor)",
+            "/ own FLOP floor (medians / paired)",
+            "train peak RSS MB",
+            "setup peak RSS MB",
+            "adapter on disk",
+        ],
+        table,
+    )
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    nora = by.get("nora_64_32")
+    if not nora:
+        return []
+
+    def met(ok):
+        return "MET" if ok else "MISSED"
+
+    out = []
+    if nora["vs_lora64"] is not None:
+        a, b = nora["vs_lora64"], nora["vs_lora64_paired"]
+        out.append(
+            f"step time vs LoRA r=64: {a:.3f} (medians) / {b:.3f} (paired) (target <= 0.75): {met(max(a, b) <= 0.75)}"
+        )
+    a, b = nora["vs_flop_floor"], nora["vs_flop_floor_paired"]
+    out.append(
+        f"step time vs own FLOP floor: {a:.3f} (medians) / {b:.3f} (paired) (target <= 1.10): {met(max(a, b) <= 1.10)}"
+    )
+    if nora["vs_lora16_rss"] is not None:
+        out.append(
+            f"train peak RSS vs LoRA r=16: {nora['train_peak_mb']:.0f} / {by['lora_16']['train_peak_mb']:.0f} MB = "
+            f"{nora['vs_lora16_rss']:.3f} (target <= 1): {met(nora['vs_lora16_rss'] <= 1.0)}"
+        )
+    if "lora_64" in by:
+        lo = by["lora_64"]
+        out.append(
+            f"bound: the frozen floor runs at {1 / lo['vs_floor']:.3f} (medians) / {1 / lo['vs_floor_paired']:.3f} "
+            "(paired) x LoRA r=64; no adapter can beat the floor, so this is the best ratio to LoRA r=64 reachable"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=10, help="timed rounds (one step per method per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (1: on a 2-core machine shared with other jobs, 2 threads made small ops "
+        "wait for a descheduled thread and slowed every method by 2-2.5x)",
+    )
+    parser.add_argument("--group-size", type=int, default=2, help="non-reference methods per measurement group")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="ignore cached per-method results")
+    parser.add_argument("--tag", default="", help="suffix of the output JSON (results/efficiency{tag}.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.seed, args.batch, args.seq, args.warmup, args.threads)
+        return 0
+
+    params = run_params(args)
+    bench = BENCH + args.tag
+    cached = {}
+    if not args.force:
+        for m in args.methods:
+            path = _common.cache_path(bench, m, args.seed)
+            if path.exists():
+                rec = _common.read_json(path)
+                if rec.get("params") == params:
+                    cached[m] = rec["result"]
+    todo = [m for m in args.methods if m not in cached]
+    if todo:
+        todo = sorted(set(todo) | {m for m in REFERENCE if m in args.methods}, key=list(METHODS).index)
+        print(f"measuring {todo}; cached: {sorted(set(cached) - set(todo))}", flush=True)
+        fresh = measure(todo, args)
+        for m, res in fresh.items():
+            rec = _common.cached_run(bench, m, args.seed, lambda res=res: res, params=params, force=True)
+            cached[m] = rec["result"]
+    results = {m: cached[m] for m in args.methods}
+    run_ids = {r["run_id"] for r in results.values()}
+    rows = summarize(results, args)
+    text = render(rows)
+    lines = verdict(rows)
+    print(text)
+    print("\n".join(lines))
+    payload = _common.result_payload(bench, rows, params=params, verdict=lines, markdown=text, run_ids=sorted(run_ids))
+    out = _common.write_json(_common.RESULTS_DIR / f"{bench}.json", payload)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,481 @@
+"""Outer-factor quality and cost: SVD vs activation-aware SVD (AwSVD) output error on SmolLM2-135M, and full vs
+randomized SVD init time / accuracy for LLaMA-3-8B-shaped matrices.
+
+    python benchmarks/bench_svd.py                  # both parts -> results/svd_error.json, svd_error.png, svd_time.json
+    python benchmarks/bench_svd.py --part error     # (a) only
+    python benchmarks/bench_svd.py --part time      # (b) only
+
+(a) For every targeted linear layer W (m x n) of SmolLM2-135M: calibrate mean |x_j| with `nora.calibrate` on
+    commonsense *training* text, then measure  ||W X - B A X||_F / ||W X||_F  on held-out *test* text X (captured with
+    forward hooks) for B, A from `nora.init.outer_svd` and `nora.init.outer_awsvd(activation_scale(stats, alpha))`,
+    alpha in {0.25, 0.5, 1.0}, ranks 16 / 64 / 128.
+(b) Wall time and accuracy of `nora.init.truncated_svd` ('full' = torch.linalg.svd vs 'randomized' =
+    torch.svd_lowrank with oversample 16 and niter 2/4/8) at r = 64 on random matrices with the shapes of LLaMA-3 8B
+    and a power-law spectrum fitted to real weights, one matrix at a time; then on SmolLM2's real weights; then an
+    extrapolation to the whole 8B model (32 layers x 7 matrices).
+Results of (b) are cached per (shape, method, seed) under results/cache/svd_time/ (a full SVD of a 14336 x 4096 matrix
+takes minutes here), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALPHAS = (0.25, 0.5, 1.0)
+RANKS = (16, 64, 128)
+LLAMA3_8B_SHAPES = {  # (out, in) and how many of each per decoder layer
+    "4096x4096": ((4096, 4096), 2),  # q, o
+    "1024x4096": ((1024, 4096), 2),  # k, v
+    "14336x4096": ((14336, 4096), 2),  # gate, up
+    "4096x14336": ((4096, 14336), 1),  # down
+}
+LLAMA3_LAYERS = 32
+SVD_METHODS = [("full", 0), ("randomized", 2), ("randomized", 4), ("randomized", 8)]
+
+
+# ======================================================================================================= (a) error
+def error_study(args) -> dict:
+    import torch
+
+    import nora
+    from nora.init import activation_scale, outer_awsvd, outer_svd
+
+    torch.set_num_threads(args.threads)
+    model, tok = _common.load_model()
+    model.eval()
+    cfg = nora.NoraConfig(r=max(RANKS), target_modules=TARGETS)
+
+    calib_texts = _common.commonsense_texts("train")
+    calib = _common.token_batches(tok, calib_texts, n_seq=args.calib_seqs, seq_len=args.seq_len, batch_size=8)
+    held_texts = _common.commonsense_texts("test", tasks=(*_common.COMMONSENSE_TASKS, "piqa"))
+    (held,) = _common.token_batches(tok, held_texts, n_seq=args.heldout_seqs, seq_len=args.seq_len, batch_size=10**6)
+    n_calib_tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    n_held_tokens = int(held["attention_mask"].sum())
+    print(f"calibration: {args.calib_seqs} x {args.seq_len} train tokens; held-out X: {n_held_tokens} test tokens")
+
+    t0 = time.time()
+    stats = nora.calibrate(model, cfg, calib, progress=False)
+    calib_s = time.time() - t0
+
+    # capture held-out inputs of every target (q/k/v and gate/up share one tensor: stored once)
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_pre_hook(
+            lambda mod, inp, name=name: captured.__setitem__(name, inp[0].detach().reshape(-1, inp[0].shape[-1]))
+        )
+        for name in stats
+    ]
+    with torch.no_grad():
+        model(**held)
+    for h in handles:
+        h.remove()
+
+    rows = []
+    t_factor = {"svd": 0.0, **{f"awsvd_{a}": 0.0 for a in ALPHAS}}
+    for name in sorted(stats, key=_layer_key):
+        W = modules[name].weight.detach().float()
+        X = captured[name]
+        Y = X @ W.T
+        y_norm = Y.norm()
+        kind = name.rsplit(".", 1)[-1]
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        facts = {}
+        t = time.perf_counter()
+        facts["svd"] = outer_svd(W, max(RANKS))  # full SVD: the rank-r factors are the first r of these
+        t_factor["svd"] += time.perf_counter() - t
+        for a in ALPHAS:
+            t = time.perf_counter()
+            scale = activation_scale(stats[name], a, cfg.awsvd_eps)
+            facts[f"awsvd_{a}"] = outer_awsvd(W, scale, max(RANKS))
+            t_factor[f"awsvd_{a}"] += time.perf_counter() - t
+        for method, f in facts.items():
+            XA = X @ f.A.T  # (N, 128)
+            for r in RANKS:
+                Yr = XA[:, :r] @ f.B[:, :r].T
+                rows.append(
+                    {
+                        "module": name,
+                        "type": kind,
+                        "layer": layer,
+                        "method": method,
+                        "r": r,
+                        "out_err": float((Y - Yr).norm() / y_norm),
+                        "w_err": float((W - f.B[:, :r] @ f.A[:r]).norm() / W.norm()),
+                    }
+                )
+    summary = summarize_error(rows)
+    return {
+        "rows": rows,
+        "summary": summary,
+        "calib_tokens": n_calib_tokens,
+        "heldout_tokens": n_held_tokens,
+        "calibrate_s": calib_s,
+        "factorize_s": t_factor,
+    }
+
+
+def _layer_key(name: str):
+    layer = int(name.split(".layers.")[1].split(".")[0])
+    return layer, TARGETS.index(name.rsplit(".", 1)[-1])
+
+
+def summarize_error(rows: list[dict]) -> list[dict]:
+    """Mean output error over layers per (module type, method, rank) and overall; % reduction of AwSVD vs SVD both
+    of the means and as the mean of per-module reductions."""
+    from collections import defaultdict
+
+    by = defaultdict(list)
+    per_module = {}
+    for r in rows:
+        by[(r["type"], r["method"], r["r"])].append(r["out_err"])
+        by[("all", r["method"], r["r"])].append(r["out_err"])
+        per_module[(r["module"], r["method"], r["r"])] = r["out_err"]
+    out = []
+    types = ["all", *TARGETS]
+    methods = ["svd", *[f"awsvd_{a}" for a in ALPHAS]]
+    for t in types:
+        for rank in RANKS:
+            base = sum(by[(t, "svd", rank)]) / len(by[(t, "svd", rank)])
+            for m in methods:
+                vals = by[(t, m, rank)]
+                mean = sum(vals) / len(vals)
+                reds = [
+                    100 * (1 - per_module[(mod, m, rank)] / per_module[(mod, "svd", rank)])
+                    for (mod, mm, rr) in per_module
+                    if mm == m and rr == rank and (t == "all" or mod.endswith(t))
+                ]
+                out.append(
+                    {
+                        "type": t,
+                        "r": rank,
+                        "method": m,
+                        "mean_out_err": mean,
+                        "reduction_of_mean_pct": 100 * (1 - mean / base),
+                        "mean_reduction_pct": sum(reds) / len(reds),
+                        "modules_improved": sum(x > 0 for x in reds),
+                        "modules": len(reds),
+                    }
+                )
+    return out
+
+
+def render_error(res: dict) -> str:
+    s = res["summary"]
+    methods = ["svd", *[f"awsvd_{a}" for a in ALPHAS]]
+    lines = []
+    headers = ["module type", "r", *["SVD" if m == "svd" else f"AwSVD a={m.split('_')[1]}" for m in methods]]
+    table = []
+    for t in ["all", *TARGETS]:
+        for rank in RANKS:
+            cells = []
+            for m in methods:
+                row = next(x for x in s if x["type"] == t and x["r"] == rank and x["method"] == m)
+                if m == "svd":
+                    cells.append(f"{row['mean_out_err']:.4f}")
+                else:
+                    cells.append(f"{row['mean_out_err']:.4f} ({-row['reduction_of_mean_pct']:+.1f}%)")
+            table.append([f"**{t}**" if t == "all" else t, rank, *cells])
+    lines.append(_common.markdown_table(headers, table))
+    return "\n".join(lines)
+
+
+def plot_error(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = res["summary"]
+    methods = ["svd", *[f"awsvd_{a}" for a in ALPHAS]]
+    labels = {"svd": "SVD", **{f"awsvd_{a}": f"AwSVD alpha={a}" for a in ALPHAS}}
+    types = ["all", *TARGETS]
+    fig, axes = plt.subplots(1, len(RANKS), figsize=(15, 4.2), sharey=False)
+    width = 0.8 / len(methods)
+    for ax, rank in zip(axes, RANKS):
+        for i, m in enumerate(methods):
+            vals = [
+                next(x for x in s if x["type"] == t and x["r"] == rank and x["method"] == m)["mean_out_err"]
+                for t in types
+            ]
+            ax.bar([j + i * width for j in range(len(types))], vals, width, label=labels[m])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))])
+        ax.set_xticklabels([t.replace("_proj", "") for t in types], rotation=30)
+        ax.set_title(f"rank r = {rank}")
+        ax.set_ylabel("||WX - BAX|| / ||WX|| (held-out)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(methods), fontsize=9)
+    fig.suptitle("SmolLM2-135M: output error of the rank-r outer factors on held-out text, mean over 30 layers")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ======================================================================================================= (b) time
+def synthetic(shape: tuple[int, int], beta: float, seed: int):
+    """W = G_m diag(s) G_n^T / sqrt(m n) with s_i = i^-beta (i = 1..min(m, n)): approximately that spectrum."""
+    import torch
+
+    m, n = shape
+    p = min(m, n)
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.arange(1, p + 1, dtype=torch.float32).pow(-beta)
+    gm = torch.randn(m, p, generator=gen) / math.sqrt(m)
+    gn = torch.randn(n, p, generator=gen) / math.sqrt(n)
+    gm.mul_(s)
+    w = gm @ gn.T
+    del gm, gn
+    return w
+
+
+def awsvd_scale(n: int, seed: int, alpha: float = 0.5):
+    """Synthetic AwSVD channel scales: lognormal mean |x_j| with a few outlier channels (as in LLM activations)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    stats = torch.exp(torch.randn(n, generator=gen) * 0.5)
+    idx = torch.randperm(n, generator=gen)[: max(1, n // 512)]
+    stats[idx] *= 30.0
+    return stats.pow(alpha)
+
+
+def time_one(w, method: str, niter: int, r: int, seed: int, threads: int) -> dict:
+    """Factorise W S (S = awsvd scale; the AwSVD cost, which adds only an elementwise product to the SVD) and
+    record the time and the truncated residuals."""
+    import torch
+
+    from nora.init import truncated_svd
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    U, S, Vh = truncated_svd(w, r, svd_method=method, niter=niter, oversample=16, seed=seed)
+    dt = time.perf_counter() - t
+    resid = (w - (U * S) @ Vh).norm() / w.norm()
+    return {"seconds": dt, "rel_resid": float(resid), "sigma_r": float(S[-1])}
+
+
+def time_study(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    beta = args.beta
+    rows = []
+    for label, (shape, count) in LLAMA3_8B_SHAPES.items():
+        if args.shapes and label not in args.shapes:
+            continue
+        w = None
+        for method, niter in SVD_METHODS:
+            key = f"{label}_{method}{'' if method == 'full' else f'_niter{niter}'}"
+            params = {"shape": shape, "beta": beta, "r": args.rank, "oversample": 16, "threads": args.threads}
+
+            def compute(method=method, niter=niter, shape=shape):
+                nonlocal w
+                if w is None:
+                    t = time.perf_counter()
+                    w = synthetic(shape, beta, args.seed) * awsvd_scale(shape[1], args.seed)
+                    print(f"  built {shape} in {time.perf_counter() - t:.1f} s", flush=True)
+                return time_one(w, method, niter, args.rank, args.seed, args.threads)
+
+            rec = _common.cached_run("svd_time", key, args.seed, compute, params=params, force=args.force)
+            res = rec["result"]
+            print(
+                f"  {key}: {res['seconds']:.2f} s, resid {res['rel_resid']:.6f} {'(cached)' if rec['cached'] else ''}"
+            )
+            rows.append({"shape": label, "count_per_layer": count, "method": method, "niter": niter, **res})
+        del w
+        gc.collect()
+    for row in rows:
+        exact = next(x for x in rows if x["shape"] == row["shape"] and x["method"] == "full")
+        row["resid_rel_diff_pct"] = 100 * (row["rel_resid"] / exact["rel_resid"] - 1)
+    return {"rows": rows, "beta": beta, "real": real_weights_study(args), "extrapolation": extrapolate(rows)}
+
+
+def real_weights_study(args) -> dict:
+    """Full vs randomized on every targeted SmolLM2 matrix (210), SVD of W itself (no scale)."""
+    import torch
+
+    from nora.init import truncated_svd
+
+    torch.set_num_threads(args.threads)
+    params = {"r": args.rank, "threads": args.threads}
+
+    def compute():
+        model, _ = _common.load_model()
+        mats = [
+            (n, m.weight.detach().float())
+            for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "weight")
+        ]
+        out = {}
+        for method, niter in SVD_METHODS:
+            total, diffs = 0.0, []
+            for _name, w in mats:
+                t = time.perf_counter()
+                U, S, Vh = truncated_svd(w, args.rank, svd_method=method, niter=niter, oversample=16, seed=0)
+                total += time.perf_counter() - t
+                diffs.append(float((w - (U * S) @ Vh).norm() / w.norm()))
+            out[f"{method}_{niter}"] = {"seconds_total": total, "resid": diffs}
+        exact = out["full_0"]["resid"]
+        for v in out.values():
+            rel = [100 * (a / b - 1) for a, b in zip(v["resid"], exact)]
+            v["max_rel_diff_pct"] = max(rel)
+            v["mean_rel_diff_pct"] = sum(rel) / len(rel)
+            v["resid"] = [round(x, 6) for x in v["resid"]]
+        beta = fit_real_spectra([w for _, w in mats])
+        return {"matrices": len(mats), "methods": out, "spectrum_beta_median": beta}
+
+    return _common.cached_run("svd_time", "smollm2_real", args.seed, compute, params=params, force=args.force)[
+        "result"
+    ]
+
+
+def fit_real_spectra(mats) -> float:
+    import torch
+
+    betas = []
+    for w in mats:
+        s = torch.linalg.svdvals(w)
+        i = torch.arange(1, s.numel() + 1, dtype=torch.float32)
+        sel = slice(3, s.numel() // 2)
+        A = torch.stack([torch.ones_like(i[sel]), -i[sel].log()], 1)
+        betas.append(float(torch.linalg.lstsq(A, s[sel].log().unsqueeze(1)).solution[1, 0]))
+    return _common.median(betas)
+
+
+def extrapolate(rows: list[dict]) -> list[dict]:
+    """Whole LLaMA-3 8B: 32 layers x (2 q/o + 2 k/v + 2 gate/up + 1 down), each shape timed once."""
+    out = []
+    for method, niter in SVD_METHODS:
+        sel = [r for r in rows if r["method"] == method and r["niter"] == niter]
+        if len({r["shape"] for r in sel}) < len(LLAMA3_8B_SHAPES):
+            continue
+        per_layer = sum(r["seconds"] * r["count_per_layer"] for r in sel)
+        worst = max(r["resid_rel_diff_pct"] for r in sel)
+        out.append(
+            {
+                "method": method,
+                "niter": niter,
+                "per_layer_s": per_layer,
+                "model_s": per_layer * LLAMA3_LAYERS,
+                "worst_resid_rel_diff_pct": worst,
+                "meets_120s": per_layer * LLAMA3_LAYERS <= 120,
+                "meets_0.1pct": worst <= 0.1,
+            }
+        )
+    return out
+
+
+def render_time(res: dict) -> str:
+    lines = []
+    table = []
+    for r in res["rows"]:
+        m = "full" if r["method"] == "full" else f"randomized niter={r['niter']}"
+        table.append(
+            [r["shape"], m, f"{r['seconds']:.2f}", f"{r['rel_resid']:.6f}", f"{r['resid_rel_diff_pct']:+.4f}%"]
+        )
+    lines.append(
+        _common.markdown_table(
+            ["shape (out x in)", "method", "seconds", "||WS - BA S||/||WS||", "vs exact (rel. diff)"], table
+        )
+    )
+    lines.append("")
+    table = []
+    for e in res["extrapolation"]:
+        m = "full" if e["method"] == "full" else f"randomized niter={e['niter']}"
+        table.append(
+            [
+                m,
+                f"{e['per_layer_s']:.1f}",
+                f"{e['model_s']:.0f}",
+                f"{e['worst_resid_rel_diff_pct']:+.4f}%",
+                "yes" if e["meets_120s"] and e["meets_0.1pct"] else "no",
+            ]
+        )
+    lines.append(
+        _common.markdown_table(
+            ["LLaMA-3 8B whole model", "s / layer", "s / 32 layers", "worst error vs exact", "meets <=120 s & <=0.1%"],
+            table,
+        )
+    )
+    real = res["real"]
+    lines.append("")
+    table = []
+    for key, v in real["methods"].items():
+        method, niter = key.split("_")
+        m = "full" if method == "full" else f"randomized niter={niter}"
+        table.append(
+            [m, f"{v['seconds_total']:.2f}", f"{v['mean_rel_diff_pct']:+.4f}%", f"{v['max_rel_diff_pct']:+.4f}%"]
+        )
+    lines.append(
+        _common.markdown_table(
+            [f"SmolLM2-135M real weights ({real['matrices']} matrices)", "total s", "mean vs exact", "worst vs exact"],
+            table,
+        )
+    )
+    return "\n".join(lines)
+
+
+# ======================================================================================================= main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["error", "time", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-seqs", type=int, default=64)
+    parser.add_argument("--heldout-seqs", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=64, help="rank of the init-time study")
+    parser.add_argument("--beta", type=float, default=0.3, help="power-law exponent of the synthetic spectra")
+    parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(LLAMA3_8B_SHAPES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.part in ("error", "both"):
+        params = {k: getattr(args, k) for k in ("calib_seqs", "heldout_seqs", "seq_len")}
+        rec = _common.cached_run("svd_error", "svd_vs_awsvd", args.seed, lambda: error_study(args), params=params)
+        res = rec["result"]
+        text = render_error(res)
+        print(text)
+        plot_error(res, _common.RESULTS_DIR / "svd_error.png")
+        payload = _common.result_payload(
+            "svd_error",
+            res["summary"],
+            per_module="results/cache/svd_error/svd_vs_awsvd__seed0.json",
+            params=params,
+            calib_tokens=res["calib_tokens"],
+            heldout_tokens=res["heldout_tokens"],
+            calibrate_s=res["calibrate_s"],
+            factorize_s=res["factorize_s"],
+            markdown=text,
+            measured=rec["machine"],
+        )
+        _common.write_json(_common.RESULTS_DIR / "svd_error.json", payload)
+    if args.part in ("time", "both"):
+        res = time_study(args)
+        text = render_time(res)
+        print(text)
+        payload = _common.result_payload(
+            "svd_time",
+            res["rows"],
+            beta=res["beta"],
+            extrapolation=res["extrapolation"],
+            real=res["real"],
+            markdown=text,
+            params={"rank": args.rank, "threads": args.threads, "oversample": 16},
+        )
+        _common.write_json(_common.RESULTS_DIR / "svd_time.json", payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
