@@ -1,0 +1,197 @@
+"""Answer extraction and batched model scoring (option log-likelihoods, greedy generation) for `nora eval`.
+
+Two protocols for multiple-choice / classification examples:
+
+- log-likelihood: the option whose response (e.g. "the correct answer is answer3", or the label word) has the
+  highest summed token log-probability after the prompt wins;
+- generation (LLM-Adapters): greedy decoding, then the first valid answer token found in the generated text.
+
+GSM8K-style examples use generation and compare the final number (`extract_number`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example, PromptBuilder, fit_prompt
+
+# ------------------------------------------------------------------------------------------------ extraction
+_SPACED_CHOICE = re.compile(r"\b(answer|solution|option|ending)\s+(\d)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])(-)?\s?\$?\s?(-)?(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
+
+
+def extract_choice(text: str, options: Sequence[str]) -> str | None:
+    """The first valid option occurring in `text` as a whole word (case-insensitive; "Answer 2" counts as
+    "answer2"), or None. Longer options win ties, so "answer10" is never read as "answer1"."""
+    lowered = _SPACED_CHOICE.sub(lambda m: m.group(1) + m.group(2), text.lower())
+    alternatives = "|".join(re.escape(o.lower()) for o in sorted(options, key=len, reverse=True))
+    match = re.search(rf"(?<![a-z0-9])({alternatives})(?![a-z0-9])", lowered)
+    return match.group(1) if match else None
+
+
+def _canonical_number(sign: str | None, digits: str) -> str:
+    value = float(digits.replace(",", ""))
+    if sign:
+        value = -value
+    if value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def extract_number(text: str) -> str | None:
+    """The final numeric answer of a generation, canonicalised ("1,000" -> "1000", "$5.00" -> "5", "-3." -> "-3"):
+    the first number after the last "####" if there is one, else the last number in the text."""
+    if "####" in text:
+        match = _NUMBER.search(text.rsplit("####", 1)[1])
+        if match:
+            return _canonical_number(match.group(1) or match.group(2), match.group(3))
+    matches = list(_NUMBER.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return _canonical_number(last.group(1) or last.group(2), last.group(3))
+
+
+def numbers_match(pred: str | None, gold: str | None) -> bool:
+    """Exact match of two canonical numbers (tolerant to float formatting: 18 == 18.0)."""
+    if pred is None or gold is None:
+        return False
+    try:
+        return math.isclose(float(pred), float(gold.replace(",", "")), rel_tol=1e-9, abs_tol=1e-9)
+    except ValueError:
+        return pred.strip() == gold.strip()
+
+
+# ------------------------------------------------------------------------------------------------ batching helpers
+def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first: a memory problem shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, longest - len(seq) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return i
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ log-likelihood
+@torch.no_grad()
+def option_logprobs(
+    model: torch.nn.Module,
+    builder: PromptBuilder,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Summed log-probability of each option's response after the prompt, per example.
+
+    The options' shared leading tokens are appended to the prompt; when every option then differs in a single
+    token (label words, "...answer1" vs "...answer2") one forward pass per example scores all options at once.
+    Otherwise every (example, option) sequence is scored separately.
+    """
+    pad_id = builder.tokenizer.pad_token_id
+    contexts, continuations = [], []
+    for ex in examples:
+        responses = [builder.response_ids(ex.response_for(o), eos=False) for o in ex.options or []]
+        if not responses:
+            raise ValueError(f"example of task {ex.task!r} has no options to score.")
+        shared = _common_prefix(responses)
+        longest = max(len(r) for r in responses)
+        prompt = fit_prompt(ex, builder, max_length - longest)
+        contexts.append(prompt + responses[0][:shared])
+        continuations.append([r[shared:] for r in responses])
+
+    scores: list[list[float]] = [[] for _ in examples]
+    fast = [i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)]
+    slow = [i for i, conts in enumerate(continuations) if not all(len(c) == 1 for c in conts)]
+    device = _device(model)
+    pairs = [(i, j) for i in slow for j in range(len(continuations[i]))]
+    bar = tqdm(total=len(fast) + len(pairs), desc="log-likelihood", disable=not progress, leave=False)
+    for batch in _batches_by_length([len(contexts[i]) for i in fast], batch_size):
+        idx = [fast[b] for b in batch]
+        inputs = {k: v.to(device) for k, v in _left_pad([contexts[i] for i in idx], pad_id).items()}
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(idx):
+            scores[i] = [float(logprobs[row, c[0]]) for c in continuations[i]]
+        bar.update(len(idx))
+    for batch in _batches_by_length([len(contexts[i]) + len(continuations[i][j]) for i, j in pairs], batch_size):
+        chunk = [pairs[b] for b in batch]
+        seqs = [contexts[i] + continuations[i][j] for i, j in chunk]
+        inputs = {k: v.to(device) for k, v in _left_pad(seqs, pad_id).items()}
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        logprobs = torch.log_softmax(model(**inputs, position_ids=positions).logits.float(), dim=-1)
+        width = inputs["input_ids"].shape[1]
+        for row, (i, j) in enumerate(chunk):
+            cont = continuations[i][j]
+            start = width - len(cont)  # left padding: the continuation ends the row
+            picked = logprobs[row, start - 1 : width - 1].gather(-1, torch.tensor(cont, device=device)[:, None])
+            scores[i].append(float(picked.sum()))
+        bar.update(len(chunk))
+    bar.close()
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ generation
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    builder: PromptBuilder,
+    examples: Sequence[Example],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of the prompts (special tokens removed), in the order of `examples`."""
+    from transformers import GenerationConfig
+
+    tokenizer = builder.tokenizer
+    prompts = [fit_prompt(ex, builder, max_length - max_new_tokens) for ex in examples]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    outputs: list[str] = [""] * len(examples)
+    device = _device(model)
+    bar = tqdm(total=len(examples), desc="generate", disable=not progress, leave=False)
+    for batch in _batches_by_length([len(p) for p in prompts], batch_size):
+        inputs = {k: v.to(device) for k, v in _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id).items()}
+        generated = model.generate(**inputs, generation_config=config)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+        bar.update(len(batch))
+    bar.close()
+    return outputs
+
+
+def accuracy(correct: int, total: int) -> dict[str, Any]:
+    return {"correct": correct, "total": total, "accuracy": round(correct / total, 4) if total else None}
