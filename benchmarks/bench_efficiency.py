@@ -531,6 +531,120 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+# ======================================================================================================= layer micro
+def layer_micro(args) -> dict:
+    """Layer-level profile: one SmolLM2 decoder layer's 7 projections (frozen / NoRA 64/32 / LoRA r=32 / r=64), input
+    (4, 128, n) requiring grad, forward + backward, interleaved. Also times a candidate NoRA forward that fuses the
+    adapter add into the GEMM (torch.addmm) to see whether it is worth adopting."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import nora
+    import nora.layer as nora_layer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = smollm2_dims()["shapes"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, (m, n) in shapes.items():
+                setattr(self, k, nn.Linear(n, m, bias=False))
+
+    def make(kind):
+        base = Block()
+        if kind == "frozen":
+            return base.requires_grad_(False)
+        if kind.startswith("nora"):
+            cfg = nora.NoraConfig(r=64, r_inner=32, target_modules=list(shapes))
+        else:
+            r = int(kind.removeprefix("lora"))
+            cfg = LoraConfig(r=r, lora_alpha=r, target_modules=list(shapes))
+        pm = get_peft_model(base, cfg)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "nora_inner_B" in name or "lora_B" in name:
+                    p.normal_(0, 0.02)  # non-zero so no kernel can shortcut zeros
+        return pm.base_model.model
+
+    original = nora_layer.Linear.forward
+
+    def forward_addmm(self, x, *a, **kw):
+        result = self.base_layer(x, *a, **kw)
+        for name in self.active_adapters:
+            if name not in self.nora_inner_B:
+                continue
+            left, right = self._factors(name)
+            z = F.linear(self._cast_input_dtype(self.nora_dropout[name](x), right.dtype), right)
+            shp = result.shape
+            result = torch.addmm(result.reshape(-1, shp[-1]), z.reshape(-1, z.shape[-1]), left.T).view(shp)
+        return result
+
+    kinds = ["frozen", "nora", "nora_addmm", "lora32", "lora64"]
+    mods = {k: make(k) for k in kinds if k != "nora_addmm"}
+    mods["nora_addmm"] = mods["nora"]
+    xs = {k: {n: torch.randn(args.batch, args.seq, n, requires_grad=True) for n in {576, 1536}} for k in kinds}
+    with torch.no_grad():
+        x = torch.randn(args.batch, args.seq, 576)
+        ref = mods["nora"].q_proj(x)
+        nora_layer.Linear.forward = forward_addmm
+        alt = mods["nora"].q_proj(x)
+        nora_layer.Linear.forward = original
+    bit_identical = bool(torch.equal(ref, alt))
+
+    def run(kind, n_iter=5):
+        nora_layer.Linear.forward = forward_addmm if kind == "nora_addmm" else original
+        m = mods[kind]
+        t = time.perf_counter()
+        for _ in range(n_iter):
+            loss = 0
+            for name, (_out, n) in shapes.items():
+                loss = loss + getattr(m, name)(xs[kind][n]).square().mean()
+            loss.backward()
+            for v in xs[kind].values():
+                v.grad = None
+            for p in m.parameters():
+                p.grad = None
+        nora_layer.Linear.forward = original
+        return (time.perf_counter() - t) / n_iter
+
+    for k in kinds:
+        run(k)
+    times = {k: [] for k in kinds}
+    for _ in range(args.reps * 2):
+        for k in kinds:
+            times[k].append(run(k))
+    base = _common.median(times["frozen"])
+    d = smollm2_dims()
+    T = args.batch * args.seq
+    base_flops = 4 * T * sum(m * n for m, n in d["shapes"].values())
+    extra = {
+        "frozen": 0,
+        "nora": 6 * T * 32 * sum(m + n for m, n in shapes.values())
+        + 4 * 64 * 32 * sum(m + n for m, n in shapes.values()),
+        "lora32": 6 * T * 32 * sum(m + n for m, n in shapes.values()),
+        "lora64": 6 * T * 64 * sum(m + n for m, n in shapes.values()),
+    }
+    extra["nora_addmm"] = extra["nora"]
+    rows = []
+    for k in kinds:
+        med = _common.median(times[k])
+        ratio = (base_flops + extra[k]) / base_flops
+        rows.append(
+            {
+                "kind": k,
+                "ms": med * 1e3,
+                "vs_frozen": med / base,
+                "flop_ratio": ratio,
+                "vs_flop_floor": med / base / ratio,
+            }
+        )
+    return {"rows": rows, "addmm_bit_identical": bit_identical, "times": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -549,10 +663,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="ignore cached per-method results")
     parser.add_argument("--tag", default="", help="suffix of the output JSON (results/efficiency{tag}.json)")
+    parser.add_argument(
+        "--layer-micro", action="store_true", help="layer-level profile only (results/efficiency_layer.json)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.seed, args.batch, args.seq, args.warmup, args.threads)
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)  # the workers' thread count, recorded in the machine facts
+    if args.layer_micro:
+        res = layer_micro(args)
+        table = [
+            [
+                r["kind"],
+                f"{r['ms']:.1f}",
+                f"{r['vs_frozen']:.3f}",
+                f"{r['flop_ratio']:.3f}",
+                f"{r['vs_flop_floor']:.3f}",
+            ]
+            for r in res["rows"]
+        ]
+        text = _common.markdown_table(
+            ["layer variant", "fwd+bwd ms", "/ frozen", "FLOPs / frozen", "/ own FLOP floor"], table
+        )
+        print(text)
+        print(f"addmm variant bit-identical to the current forward: {res['addmm_bit_identical']}")
+        payload = _common.result_payload(
+            BENCH + "_layer", res["rows"], markdown=text, **{k: v for k, v in res.items() if k != "rows"}
+        )
+        _common.write_json(_common.RESULTS_DIR / f"{BENCH}_layer.json", payload)
         return 0
 
     params = run_params(args)

@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)  # recorded in the machine facts
 
     if args.part in ("error", "both"):
         params = {k: getattr(args, k) for k in ("calib_seqs", "heldout_seqs", "seq_len")}
