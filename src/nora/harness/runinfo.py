@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import resource
@@ -29,7 +30,16 @@ def versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this program's own address space. getrusage's
+    ru_maxrss is not used there because it survives fork + exec: a child started by a 2 GB parent reports at least
+    2 GB. Elsewhere: resource.getrusage(RUSAGE_SELF).ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 

@@ -41,7 +41,7 @@ NORA_SKIPPED_FIELDS = {
     "check_base_fingerprint", "format_version",
 }  # fmt: skip
 #: arguments that control a single invocation and are not written to config.yaml
-RUN_CONTROL = ("config", "resume", "command", "func", "progress")
+RUN_CONTROL = ("config", "resume", "command", "progress", "threads")
 
 
 # ------------------------------------------------------------------------------------------------ NoRA flags
