@@ -11,18 +11,14 @@ import torch
 
 from conftest import build_tokenizer
 from nora.harness import HarnessError
-from nora.harness.data import (
+from nora.harness.data import Example, Fields, load_file, load_task, require_data_dir
+from nora.harness.prompts import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,
-    Example,
-    Fields,
     PadCollator,
     PromptBuilder,
     encode,
     encode_all,
-    load_file,
-    load_task,
-    require_data_dir,
     response_positions,
 )
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from ..io import write_json
 from . import HarnessError
-from .data import Example, Fields, PromptBuilder, load_task
+from .data import Example, Fields, load_task
 from .models import load_model
+from .prompts import PromptBuilder
 from .runinfo import peak_rss_mb, read_run_config, versions
 from .scoring import accuracy, extract_choice, extract_number, generate, numbers_match, option_logprobs
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, PromptBuilder, fit_prompt
+from .data import Example
+from .prompts import PromptBuilder, fit_prompt
 
 # ------------------------------------------------------------------------------------------------ extraction
 _SPACED_CHOICE = re.compile(r"\b(answer|solution|option|ending)\s+(\d)\b", re.IGNORECASE)

@@ -27,8 +27,9 @@ from .. import NoraConfig, calibrate
 from ..io import atomic_path, write_json
 from ..model import count_trainable, default_target_modules
 from . import HarnessError
-from .data import IGNORE_INDEX, Fields, PadCollator, PromptBuilder, encode_all, load_task, response_positions
+from .data import Fields, load_task
 from .models import load_model
+from .prompts import IGNORE_INDEX, PadCollator, PromptBuilder, encode_all, response_positions
 from .runinfo import peak_rss_mb, versions, write_run_config
 
 METHODS = ("nora", "lora", "dora", "pissa", "vera", "loraxs", "full")
