@@ -56,6 +56,8 @@ def test_train_writes_adapter_metrics_plot_and_config(trained):
     assert len(metrics["step_seconds"]["values"]) == 3 and metrics["tokens_per_second"] > 0
     assert metrics["peak_rss_mb"] > 0 and metrics["versions"]["nora"] == nora.__version__
     assert metrics["peft_config"]["r"] == 8 and metrics["config"]["method"] == "nora"
+    assert sorted(metrics["peft_config"]["target_modules"])[0] == "down_proj"  # a list, not a set's repr
+    assert "base_fingerprint" not in metrics["peft_config"]
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["lr"] == 1e-2 and config["max_steps"] == 3 and "resume" not in config
 

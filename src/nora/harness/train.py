@@ -365,10 +365,23 @@ def collect_metrics(args, trainer, recorder: RunRecorder, model, peft_config, da
         "final_loss": history[-1]["loss"] if history else None,
         "data_stats": data_stats.as_dict(),
         "calibration": calibration,
-        "peft_config": peft_config.to_dict() if peft_config is not None else None,
+        "peft_config": peft_config_summary(peft_config),
         "config": run_config(args),
         "versions": versions(),
     }
+
+
+def peft_config_summary(peft_config) -> dict[str, Any] | None:
+    """The PEFT config as JSON-ready data (sets as sorted lists), without the per-module base fingerprint (it is in
+    adapter_config.json)."""
+    if peft_config is None:
+        return None
+    out = {}
+    for key, value in peft_config.to_dict().items():
+        if key == "base_fingerprint":
+            continue
+        out[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    return out
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
