@@ -337,7 +337,9 @@ def run(models: list[str]) -> dict:
                 {
                     "model": model_name,
                     "method": row.method,
-                    "targets": "all 7" if row.targets == ALL7 else ",".join(SHORT[t] for t in row.targets),
+                    "targets": "all parameters"
+                    if row.kind == "full"
+                    else ("all 7" if row.targets == ALL7 else ",".join(SHORT[t] for t in row.targets)),
                     "trainable": n,
                     "how": how,
                     "paper": paper,
