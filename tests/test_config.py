@@ -19,7 +19,8 @@ from nora.model import DEFAULT_TARGET_MODULES, default_target_modules
 def test_defaults():
     cfg = nora.NoraConfig()
     assert (cfg.r, cfg.r_inner, cfg.alpha) == (64, 32, None)
-    assert (cfg.structure, cfg.outer_init, cfg.inner_init, cfg.svd_method) == ("nested", "svd", "zeros", "full")
+    assert (cfg.structure, cfg.outer_init, cfg.inner_init, cfg.svd_method) == ("nested", "svd", "zeros", "auto")
+    assert (cfg.svd_niter, cfg.svd_oversample) == (4, 64)
     assert cfg.scaling == 1.0
     assert cfg.peft_type == nora.PEFT_TYPE == "NORA"
     assert cfg.bias == "none" and cfg.nora_dropout == 0.0 and cfg.init_weights

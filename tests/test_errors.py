@@ -77,7 +77,7 @@ def test_r_inner_exceeds_r():
         ("structure", "'nested', 'output', 'parallel', 'adapter'"),
         ("outer_init", "'svd', 'awsvd', 'random'"),
         ("inner_init", "'zeros', 'gaussian', 'uniform', 'sqrt_sigma'"),
-        ("svd_method", "'full', 'randomized'"),
+        ("svd_method", "'auto', 'full', 'randomized'"),
     ],
 )
 def test_unknown_choice_lists_valid_values(field, valid):

@@ -11,6 +11,8 @@ from peft import get_peft_model
 
 import _models as M
 import nora
+import nora.init as init_module
+from nora.config import AUTO_FULL_MAX_DIM
 from nora.init import (
     activation_scale,
     init_inner,
@@ -19,6 +21,7 @@ from nora.init import (
     outer_random,
     outer_svd,
     reconstruction_error,
+    resolve_svd_method,
     truncated_svd,
 )
 from nora.layer import inner_shapes
@@ -90,6 +93,31 @@ def test_randomized_svd_matches_full_svd_on_decaying_spectrum():
     assert err_full == pytest.approx(optimal, rel=1e-4)
     assert err_rand <= err_full * 1.001
     torch.testing.assert_close(rand.sigma, full.sigma, atol=1e-4, rtol=0)
+
+
+def test_auto_svd_is_exact_on_small_and_randomized_on_large_matrices():
+    assert resolve_svd_method("auto", (AUTO_FULL_MAX_DIM, 576)) == "full"
+    assert resolve_svd_method("auto", (AUTO_FULL_MAX_DIM + 1, 576)) == "randomized"
+    assert resolve_svd_method("auto", (14336, 4096)) == "randomized"
+    assert resolve_svd_method("full", (14336, 4096)) == "full"
+    assert resolve_svd_method("randomized", (8, 8)) == "randomized"
+    W = random_matrix(64, 48)
+    for x, y in zip(truncated_svd(W, 8, svd_method="auto"), truncated_svd(W, 8, svd_method="full")):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match=r"valid values are 'auto', 'full', 'randomized'"):
+        resolve_svd_method("exact", (8, 8))
+
+
+def test_auto_svd_in_the_layer_uses_the_randomized_svd_above_the_threshold(monkeypatch):
+    """Above AUTO_FULL_MAX_DIM the layer's factors are exactly those of the seeded randomized SVD (threshold lowered
+    so the test matrix stays small)."""
+    monkeypatch.setattr(init_module, "AUTO_FULL_MAX_DIM", 16)
+    weight = random_matrix(24, 20)
+    auto = outer_svd(weight, 6, svd_method="auto", seed=5)
+    rand = outer_svd(weight, 6, svd_method="randomized", seed=5)
+    full = outer_svd(weight, 6, svd_method="full")
+    assert torch.equal(auto.B, rand.B) and torch.equal(auto.A, rand.A)
+    assert not torch.equal(auto.B, full.B)
 
 
 def test_randomized_svd_is_seeded_and_leaves_global_rng_alone():

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import INNER_INITS, OUTER_INITS, SVD_METHODS
+from .config import AUTO_FULL_MAX_DIM, INNER_INITS, OUTER_INITS, SVD_METHODS
 
 
 class OuterFactors(NamedTuple):
@@ -42,12 +42,20 @@ def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
         raise ValueError(f"{name}: the base weight contains NaN or inf; NoRA cannot factorise a non-finite weight.")
 
 
-def truncated_svd(
-    weight: torch.Tensor, r: int, svd_method: str = "full", niter: int = 4, oversample: int = 16, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets of `weight`, computed in float32: U (m x r), S (r,), Vh (r x n)."""
+def resolve_svd_method(svd_method: str, shape: tuple[int, ...]) -> str:
+    """'full' or 'randomized'; 'auto' picks the exact SVD for matrices with max(m, n) <= AUTO_FULL_MAX_DIM."""
     if svd_method not in SVD_METHODS:
         raise ValueError(f"unknown svd_method={svd_method!r}; valid values are {', '.join(map(repr, SVD_METHODS))}.")
+    if svd_method == "auto":
+        return "full" if max(shape) <= AUTO_FULL_MAX_DIM else "randomized"
+    return svd_method
+
+
+def truncated_svd(
+    weight: torch.Tensor, r: int, svd_method: str = "full", niter: int = 4, oversample: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of `weight`, computed in float32: U (m x r), S (r,), Vh (r x n)."""
+    svd_method = resolve_svd_method(svd_method, tuple(weight.shape))
     w = weight.detach().to(torch.float32)
     if svd_method == "full":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
