@@ -159,6 +159,18 @@ def test_every_nora_config_field_is_a_train_flag():
     assert "target_modules" in dests  # shared with the baselines
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "export", "demo", "bench"])
+def test_help_of_every_command_renders(command, capsys):
+    """argparse %-formats help strings: a literal '%' in a NoraConfig help text must not crash `--help`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nora " + command)
+    if command == "train":
+        assert "--svd-method" in out and "0.04% of the exact residual" in out
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2

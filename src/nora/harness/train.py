@@ -68,7 +68,8 @@ def add_nora_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NoRA (NoraConfig fields; also used by --method loraxs)")
     for f in nora_fields():
         kind = str(f.type)
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
+        kwargs: dict[str, Any] = {"default": f.default, "help": help_text}
         choices = re.findall(r"'([^']+)'", kind) if kind.startswith("Literal") else None
         if choices:
             kwargs["choices"] = choices
