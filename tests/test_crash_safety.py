@@ -30,7 +30,7 @@ from nora.cli import parse_args
 from nora.harness import models as harness_models
 from nora.harness.runinfo import write_run_config
 from nora.harness.train import CHECKPOINT_STAGING, plot_losses, run_train, torch_threads
-from nora.io import atomic_dir, atomic_path, write_json, write_text
+from nora.io import atomic_dir, atomic_path, replace_dir, write_json, write_text
 
 TINY = ["--r", "8", "--r-inner", "4", "--batch-size", "4", "--no-progress"]
 STEPS = ["--max-steps", "6", "--save-steps", "2"]
@@ -119,6 +119,22 @@ def test_atomic_path_yields_a_sibling_temporary(tmp_path):
         tmp.write_bytes(b"payload")
     assert target.read_bytes() == b"payload"
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_published_files_and_directories_get_the_umask_mode_not_the_temporaries(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700 temporaries; what is published must be as readable as a plain open() would
+    make it (a shared metrics.json or model cache must not become owner-only)."""
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        staged = tmp_path / "staged"
+        staged.mkdir(mode=0o700)
+        (staged / "f.txt").write_text("x")
+        replace_dir(staged, tmp_path / "published")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "published").stat().st_mode & 0o777 == 0o755
 
 
 # ------------------------------------------------------------------------------------------------ directories

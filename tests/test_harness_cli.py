@@ -179,6 +179,19 @@ def _error(capsys, argv: list[str]) -> str:
     return err
 
 
+def test_library_errors_are_one_line_with_a_debug_switch(capsys, tiny_llama_dir, tiny_task_dir, tmp_path, monkeypatch):
+    """A NoraConfig / get_peft_model error reaches the CLI user as one line (the library's message), no traceback;
+    NORA_DEBUG=1 re-raises it for bug reports."""
+    argv = _train_argv(tiny_llama_dir, tiny_task_dir, tmp_path / "big", "--max-steps", "1")
+    argv[argv.index("--r") + 1] = "999"
+    monkeypatch.delenv("NORA_DEBUG", raising=False)
+    err = _error(capsys, argv)
+    assert "outer rank r=999 exceeds min(out, in)" in err and "NORA_DEBUG=1" in err
+    monkeypatch.setenv("NORA_DEBUG", "1")
+    with pytest.raises(ValueError, match="outer rank r=999"):
+        main(argv)
+
+
 def test_unknown_model_name(capsys, tiny_task_dir, tmp_path):
     err = _error(capsys, ["train", "--model", "gpt-17", "--data", str(tiny_task_dir), "--out", str(tmp_path)])
     assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err

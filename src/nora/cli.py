@@ -260,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"nora: error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # the library's own clear errors (docs/errors.md)
+        if os.environ.get("NORA_DEBUG"):
+            raise
+        print(f"nora: error: {exc}\n(set NORA_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode(directory: bool) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."""
@@ -25,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -65,6 +73,7 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Publish the finished directory `src` as `dst` with a rename (same filesystem). An existing `dst` is first
     renamed aside and deleted afterwards, so `dst` is never a mix of old and new files."""
     src, dst = Path(src), Path(dst)
+    os.chmod(src, _default_mode(directory=True))
     old = None
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import replace_dir
 from . import HarnessError
 
 TASKS = ("causal_lm", "seq_cls")
@@ -106,7 +107,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
