@@ -69,8 +69,9 @@ class NoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         self.kwargs = kwargs
-        # adapters built from a checkpoint config whose zero placeholder outer factors have not been loaded yet
-        self._outer_pending: set[str] = set()
+        # adapter name -> why its outer factors are zero placeholders (built from a checkpoint config, or on the meta
+        # device); cleared when the factors are loaded from a state dict
+        self._outer_pending: dict[str, str] = {}
 
     def _base_weight_mn(self) -> torch.Tensor:
         """The base weight as (out, in) = (m, n), whatever the layer's storage layout."""
@@ -96,11 +97,21 @@ class NoraLayer(BaseTunerLayer):
         self.nora_dropout[adapter_name] = nn.Dropout(config.nora_dropout) if config.nora_dropout > 0 else nn.Identity()
 
         from_checkpoint = getattr(config, "_from_checkpoint", False)
-        skip_init = weight.device.type == "meta" or from_checkpoint
-        if from_checkpoint and weight.device.type != "meta":
-            self._outer_pending.add(adapter_name)  # cleared by _load_from_state_dict
-        else:
-            self._outer_pending.discard(adapter_name)
+        on_meta = weight.device.type == "meta"
+        skip_init = on_meta or from_checkpoint
+        self._outer_pending.pop(adapter_name, None)
+        if from_checkpoint:
+            self._outer_pending[adapter_name] = (
+                "The config came from NoraConfig.from_pretrained (a saved adapter), so get_peft_model left placeholders "
+                "for the checkpoint. Load the adapter with PeftModel.from_pretrained(base, adapter_dir), or start a new "
+                "adapter from a fresh config: NoraConfig(**cfg.to_dict())."
+            )
+        elif on_meta:
+            self._outer_pending[adapter_name] = (
+                "The base model was on the meta device when the adapter was created, so no SVD could run. Call "
+                "get_peft_model on the model after its weights are loaded, or load a saved adapter with "
+                "PeftModel.from_pretrained(base, adapter_dir)."
+            )
         if skip_init:
             # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.
             B = torch.zeros(m, r, dtype=weight.dtype, device=weight.device)
@@ -151,10 +162,8 @@ class NoraLayer(BaseTunerLayer):
         """(s * left, right) in the inner parameters' dtype, so dW = left @ right."""
         if adapter in self._outer_pending:
             raise RuntimeError(
-                f"NoRA adapter {adapter!r}: the frozen outer factors were never loaded. The config came from "
-                "NoraConfig.from_pretrained (a saved adapter), so get_peft_model left placeholders for the "
-                "checkpoint. Load the adapter with PeftModel.from_pretrained(base, adapter_dir), or start a new "
-                "adapter from a fresh config: NoraConfig(**cfg.to_dict())."
+                f"NoRA adapter {adapter!r}: the frozen outer factors were never computed or loaded. "
+                + self._outer_pending[adapter]
             )
         inner_B = self.nora_inner_B[adapter]
         inner_A = self.nora_inner_A.get(adapter)
@@ -202,7 +211,7 @@ class Linear(nn.Module, NoraLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in list(self._outer_pending):
             if f"{prefix}nora_B.{name}" in state_dict and f"{prefix}nora_A.{name}" in state_dict:
-                self._outer_pending.discard(name)
+                del self._outer_pending[name]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
