@@ -538,7 +538,7 @@ def test_cli_eval_directory_is_neither_adapter_nor_model(capsys, tmp_path, tiny_
 
 def test_cli_eval_unknown_protocol(capsys, tiny_task_dir):
     argv = ["eval", "--model", "x", "--task", str(tiny_task_dir / "test.json"), "--protocol", "loglik,bleu"]
-    assert "unknown protocol(s) ['bleu']; use loglik, generation" in cli_error(capsys, argv)
+    assert "unknown protocol(s) ['bleu']; use loglik, cloze, generation" in cli_error(capsys, argv)
 
 
 def test_cli_export_not_an_adapter(capsys, tmp_path):

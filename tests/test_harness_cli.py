@@ -69,9 +69,18 @@ def test_eval_reports_both_protocols_with_predictions(trained, tiny_task_dir, ca
     report = json.loads(report_path.read_text())
     (summary,) = report["accuracy"].values()
     assert summary["n"] == 6 and summary["loglik"]["total"] == 6 and summary["generation"]["total"] == 6
+    assert summary["cloze"]["total"] == 6  # the default protocols are loglik, cloze and generation
     (predictions,) = report["predictions"].values()
     assert len(predictions) == 6
-    assert set(predictions[0]) >= {"gold", "pred_loglik", "loglik", "pred_generation", "generation"}
+    assert set(predictions[0]) >= {
+        "gold",
+        "pred_loglik",
+        "loglik",
+        "pred_cloze",
+        "cloze",
+        "pred_generation",
+        "generation",
+    }
     assert set(predictions[0]["loglik"]) == {"answer1", "answer2", "answer3"}
     assert report["model"].endswith("tiny-llama0") or Path(report["model"]).is_dir()  # read from config.yaml
     assert "loglik" in capsys.readouterr().out

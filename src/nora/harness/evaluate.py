@@ -1,7 +1,9 @@
 """`nora eval`: accuracy of a base model, a PEFT adapter (NoRA or any other) or a merged model directory.
 
-Multiple-choice / classification tasks report both protocols (see `scoring`): log-likelihood of each option and
-greedy generation + first valid answer. GSM8K reports generation + final-number exact match. The JSON output holds
+Multiple-choice / classification tasks report up to three protocols (see `scoring`): `loglik`, the log-likelihood of
+each option's response ("the correct answer is answer3"); `cloze`, the length-normalised log-likelihood of each
+option's *text* after the question alone (lm-eval-harness style; robust for small models that have not learned the
+"answerN" format); and `generation`, greedy decoding + first valid answer (LLM-Adapters). GSM8K reports generation + final-number exact match. The JSON output holds
 the per-task accuracies with counts and the per-example predictions.
 """
 
@@ -17,13 +19,13 @@ from typing import Any
 
 from ..io import write_json
 from . import HarnessError
-from .data import Example, Fields, load_task
+from .data import Example, Fields, cloze_view, load_task
 from .models import load_model
 from .prompts import PromptBuilder
 from .runinfo import peak_rss_mb, read_run_config, versions
 from .scoring import accuracy, extract_choice, extract_number, generate, numbers_match, option_logprobs
 
-PROTOCOLS = ("loglik", "generation")
+PROTOCOLS = ("loglik", "cloze", "generation")
 MAX_NEW_TOKENS = {"choice": 32, "number": 256}
 
 
@@ -58,6 +60,18 @@ def evaluate_examples(
             record["loglik"] = {o: round(s, 4) for o, s in zip(ex.options, row)}
             correct += pred == ex.answer
         summary["loglik"] = accuracy(correct, len(examples))
+    if kind == "choice" and "cloze" in options.protocols:
+        # label-word tasks (true/false, sentiment words) list no option texts: their options are the texts
+        views = [cloze_view(ex) or Example(ex.instruction, input=ex.input, options=ex.options) for ex in examples]
+        scores = option_logprobs(model, builder, views, options.batch_size, options.max_length, options.progress)
+        correct = 0
+        for record, ex, view, row in zip(records, examples, views, scores):
+            normalised = [score / max(len(text), 1) for score, text in zip(row, view.options)]
+            pred = ex.options[max(range(len(normalised)), key=normalised.__getitem__)]
+            record["pred_cloze"] = pred
+            record["cloze"] = {o: round(v, 5) for o, v in zip(ex.options, normalised)}
+            correct += pred == ex.answer
+        summary["cloze"] = accuracy(correct, len(examples))
     if "generation" in options.protocols:
         max_new = options.max_new_tokens or MAX_NEW_TOKENS[kind]
         texts = generate(

@@ -126,7 +126,7 @@ def option_logprobs(
         contexts.append(prompt + responses[0][:shared])
         continuations.append([r[shared:] for r in responses])
 
-    scores: list[list[float]] = [[] for _ in examples]
+    scores: list[list[float]] = [[math.nan] * len(conts) for conts in continuations]
     fast = [i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)]
     slow = [i for i, conts in enumerate(continuations) if not all(len(c) == 1 for c in conts)]
     device = _device(model)
@@ -152,7 +152,7 @@ def option_logprobs(
             cont = continuations[i][j]
             start = width - len(cont)  # left padding: the continuation ends the row
             picked = logprobs[row, start - 1 : width - 1].gather(-1, torch.tensor(cont, device=device)[:, None])
-            scores[i].append(float(picked.sum()))
+            scores[i][j] = float(picked.sum())  # batches are sorted by length: index by option, never append
         bar.update(len(chunk))
     bar.close()
     return scores
