@@ -181,6 +181,22 @@ def run_grid(
 
 
 # ----------------------------------------------------------------------------------------------------------- model
+def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each of the 7 linear projections of one Llama-style decoder layer, from its config dict."""
+    h, f = config["hidden_size"], config["intermediate_size"]
+    hd = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    return {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+    }
+
+
 SMOLLM2 = "smollm2-135m"
 
 

@@ -264,25 +264,13 @@ def smollm2_dims() -> dict:
     import json as _json
 
     cfg = _json.loads((_common.smollm2_dir() / "config.json").read_text())
-    h, f = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {
-        "q_proj": (q, h),
-        "k_proj": (kv, h),
-        "v_proj": (kv, h),
-        "o_proj": (h, q),
-        "gate_proj": (f, h),
-        "up_proj": (f, h),
-        "down_proj": (h, f),
-    }
     return {
         "layers": cfg["num_hidden_layers"],
         "heads": cfg["num_attention_heads"],
-        "head_dim": hd,
-        "hidden": h,
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        "hidden": cfg["hidden_size"],
         "vocab": cfg["vocab_size"],
-        "shapes": shapes,
+        "shapes": _common.projection_shapes(cfg),
     }
 
 

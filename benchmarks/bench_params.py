@@ -210,19 +210,7 @@ def count_row(model_name: str, row: Row) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------------- analytic
 def linear_shapes(model_name: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each of the 7 projections of one decoder layer."""
-    s = MODELS[model_name]
-    h, f = s["hidden_size"], s["intermediate_size"]
-    hd = s.get("head_dim") or h // s["num_attention_heads"]
-    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
-    return {
-        "q_proj": (q, h),
-        "k_proj": (kv, h),
-        "v_proj": (kv, h),
-        "o_proj": (h, q),
-        "gate_proj": (f, h),
-        "up_proj": (f, h),
-        "down_proj": (h, f),
-    }
+    return _common.projection_shapes(MODELS[model_name])
 
 
 def analytic(model_name: str, kind: str, r: int, r_inner: int, targets) -> int:
