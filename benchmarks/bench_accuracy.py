@@ -809,8 +809,11 @@ def plot(cells: dict[str, Any], path: Path) -> None:
 
     panels = [("encoder", t) for t in ENCODER_DEFAULT_TASKS] + [("decoder", "commonsense")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (part, task) in zip(axes, panels):
         ax.set_xscale("log")
+        if not any(c["part"] == part and c["task"] == task for c in cells.values()):
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"MiniLM-L6: {TASK_LABEL[task]}" if part == "encoder" else "SmolLM2-135M: commonsense avg")
         for m in METHODS:
             if part == "encoder":
@@ -825,12 +828,13 @@ def plot(cells: dict[str, Any], path: Path) -> None:
             if m == "zero-shot" and part == "decoder":
                 ax.axhline(stat["mean"], color="gray", linestyle="--", linewidth=1, label="zero-shot")
                 continue
-            ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="o", capsize=3,
+            ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="o", capsize=3, color=colors[m],
                         label=METHOD_LABEL[m] if m != "zero-shot" else "linear probe")  # fmt: skip
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy (test)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
