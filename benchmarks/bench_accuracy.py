@@ -739,7 +739,7 @@ def compare(a: dict[str, Any] | None, b: dict[str, Any] | None, n_eval: int) -> 
         return "holds", diff
     if diff < -noise:
         return "fails", diff
-    return "within noise", diff
+    return ("within noise" if diff >= 0 else "within noise, opposite sign"), diff
 
 
 def chain_verdict(cells, chain: list[str], lr: float, n_eval: int, part: str = "decoder",
@@ -752,6 +752,8 @@ def chain_verdict(cells, chain: list[str], lr: float, n_eval: int, part: str = "
     results = [compare(stats[i], stats[i + 1], n_eval) for i in range(len(chain) - 1)]
     words = [r[0] for r in results]
     overall = "fails" if "fails" in words else ("holds" if all(w == "holds" for w in words) else "within noise")
+    if overall == "within noise" and any(r[1] < 0 for r in results):
+        overall = "within noise (not in the claimed order)"
     n = min(s["n"] for s in stats)
     detail = "; ".join(f"{chain[i]} - {chain[i + 1]} = {100 * r[1]:+.1f} pts ({r[0]})" for i, r in enumerate(results))
     return f"{overall} (n={n} seed{'s' if n > 1 else ''}; {detail})"
