@@ -53,6 +53,17 @@ def build_tokenizer(chat_template: str | None = CHATML):
     return fast
 
 
+def assert_same_adapter(a: Path, b: Path, atol: float = 0.0) -> None:
+    """The adapter_model.safetensors of two adapter directories hold the same tensors (exactly, by default)."""
+    import torch
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(Path(a) / "adapter_model.safetensors"), load_file(Path(b) / "adapter_model.safetensors")
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=atol, msg=key)
+
+
 def build_tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
     """A randomly initialised Llama (hidden 32) matching the tokenizer's vocabulary."""
     import torch

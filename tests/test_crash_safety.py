@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 import _models as M
 import nora
+from conftest import assert_same_adapter
 from nora.cli import parse_args
 from nora.harness import models as harness_models
 from nora.harness.runinfo import write_run_config
@@ -256,13 +256,6 @@ def _train(argv: list[str], callbacks=None) -> dict:
         return run_train(parse_args(argv), callbacks=callbacks)
 
 
-def _assert_same_adapter(a: Path, b: Path) -> None:
-    sa, sb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama_dir, tiny_task_dir, tmp_path_factory) -> Path:
     """A 6-step run (checkpoints every 2 steps) that nothing interrupts: the reference for every resumed run."""
@@ -341,7 +334,7 @@ def test_checkpoint_failure_keeps_previous_checkpoints_and_resume_is_exact(
 
     metrics = _train(_argv(tiny_llama_dir, tiny_task_dir, out, "--resume"))
     assert metrics["resumed_from"] == str(out / "checkpoint-2")
-    _assert_same_adapter(uninterrupted, out)
+    assert_same_adapter(uninterrupted, out)
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
 
 
@@ -371,7 +364,7 @@ def test_resume_skips_a_half_written_checkpoint(uninterrupted, tiny_llama_dir, t
     metrics = _train(_argv(tiny_llama_dir, tiny_task_dir, out, "--resume"))
     assert metrics["resumed_from"] == str(out / "checkpoint-2")
     assert f"skipping incomplete checkpoint {half}" in capsys.readouterr().out
-    _assert_same_adapter(uninterrupted, out)
+    assert_same_adapter(uninterrupted, out)
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
     assert (half / "trainer_state.json").is_file(), "the resumed run re-wrote checkpoint-4 completely"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # save-total-limit 2
@@ -441,7 +434,7 @@ def test_sigkill_then_resume_equals_uninterrupted(
 
     metrics = _train([*argv, "--resume"])
     assert metrics["resumed_from"] == str(out / resumes_from)
-    _assert_same_adapter(uninterrupted, out)  # exact: atol = rtol = 0
+    assert_same_adapter(uninterrupted, out)  # exact: atol = rtol = 0
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
     assert not (out / CHECKPOINT_STAGING).exists(), "the next checkpoint clears the killed save's staging folder"
 

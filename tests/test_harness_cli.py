@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import nora
+from conftest import assert_same_adapter
 from nora.cli import build_parser, main, parse_args
 from nora.harness.train import NORA_SKIPPED_FIELDS, run_train
 
@@ -30,13 +31,6 @@ def _train_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
-
-
-def _assert_same_adapter(a: Path, b: Path) -> None:
-    sa, sb = _adapter(a), _adapter(b)
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_export_lora_and_merged_match_the_nora_model(trained, tiny_llama_dir, tm
 
 def test_config_yaml_repeats_the_run(trained, tmp_path):
     assert main(["train", "--config", str(trained / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
-    _assert_same_adapter(trained, tmp_path / "again")
+    assert_same_adapter(trained, tmp_path / "again")
     first = json.loads((trained / "metrics.json").read_text())["loss_curve"]
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())["loss_curve"]
     assert first == again
@@ -129,7 +123,7 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, tiny_task_dir, tmp_path):
     assert not (tmp_path / "part" / "adapter_model.safetensors").exists()
     metrics = run_train(parse_args(argv(tmp_path / "part", "--resume")))
     assert metrics["resumed_from"].endswith("checkpoint-2")
-    _assert_same_adapter(tmp_path / "full", tmp_path / "part")
+    assert_same_adapter(tmp_path / "full", tmp_path / "part")
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())["loss_curve"]
     assert metrics["loss_curve"] == full
 
