@@ -102,7 +102,8 @@ class NoraConfig(PeftConfig):
         metadata={
             "help": "Inner init: 'zeros' (B' = 0, A' gaussian: exact identity at init), 'gaussian' (both "
             "N(0, inner_init_std^2)), 'uniform' (both uniform with the same variance) or 'sqrt_sigma' (seed 000: "
-            "square roots of the top singular values on the diagonals)."
+            "square roots of the top singular values on the diagonals; ablation only: with B = U Sigma it "
+            "starts at dW = U Sigma^2 V^T, far from the base model)."
         },
     )
     inner_init_std: float = field(default=0.02, metadata={"help": "Std of the gaussian/uniform inner factors."})
