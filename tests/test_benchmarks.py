@@ -11,17 +11,22 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench_params():
+def _load_bench(name: str):
+    """Import benchmarks/NAME.py as a module (with benchmarks/ on sys.path for its `_common` import)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_params", BENCH / "bench_params.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_params"] = module  # dataclasses resolve their module through sys.modules
+        sys.modules[name] = module  # dataclasses resolve their module through sys.modules
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bench_params():
+    yield from _load_bench("bench_params")
 
 
 def test_nora_r64_32_llama3_8b_is_917504(bench_params):
@@ -43,15 +48,7 @@ def test_lora_r1_target_inference(bench_params):
 # ------------------------------------------------------------------------------------------------ bench_accuracy
 @pytest.fixture(scope="module")
 def bench_accuracy():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH / "bench_accuracy.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_accuracy"] = module
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _load_bench("bench_accuracy")
 
 
 def _fake_record(B, unit, accs, params=1000):
