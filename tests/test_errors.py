@@ -581,3 +581,11 @@ def test_catalogue_lists_every_error_test():
     rows = re.findall(r"^\| (\d+) \|", doc, flags=re.M)
     assert [int(r) for r in rows] == list(range(1, len(rows) + 1)), "rows are numbered 1, 2, 3, ..."
     assert f"{len(rows)} errors in total" in doc
+
+
+def test_cli_train_cloze_format_of_free_form_data(capsys, tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    argv = ["train", "--data", str(data), "--response-format", "cloze", "--out", str(tmp_path / "run")]
+    assert "--response-format cloze needs multiple-choice examples" in cli_error(capsys, argv)
+    assert not (tmp_path / "run").exists()

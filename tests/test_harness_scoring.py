@@ -145,3 +145,53 @@ def test_cloze_scores_are_length_normalised_option_loglikelihoods(tiny_llama_dir
     assert record["pred_cloze"] == max(expected, key=expected.get)
     assert summary["cloze"] == {"correct": int(record["pred_cloze"] == "answer2"), "total": 1,
                                 "accuracy": float(record["pred_cloze"] == "answer2")}  # fmt: skip
+
+
+def test_option_logprobs_with_a_shared_prompt_cache_equal_one_forward_per_option(tiny_llama_dir):
+    """Several-token options are scored against one cached encoding of their prompt. Across batches mixing prompt
+    lengths (left padding), option counts and option lengths (right padding), every score equals the summed
+    log-probability from a separate full forward pass over prompt + option, and lands at its own option."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nora.harness.prompts import PromptBuilder
+    from nora.harness.scoring import option_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(tiny_llama_dir))
+    options = [["oxygen", "carbon dioxide gas", "he"], ["a b c d e f", "g"], ["x y", "z w v", "u", "t s r q"]]
+    questions = ["Which gas do plants take in?", "Pick one.", "A much longer question about letters " * 3]
+    examples = [Example(q, options=opts) for q, opts in zip(questions * 2, options * 2)]
+    scores = option_logprobs(model, builder, examples, batch_size=5, progress=False)
+    for ex, row in zip(examples, scores):
+        assert len(row) == len(ex.options)
+        prompt = builder.prompt_ids(ex)
+        for option, got in zip(ex.options, row):
+            cont = builder.response_ids(option, eos=False)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].float(), -1)
+            expected = logprobs[len(prompt) - 1 : -1].gather(-1, torch.tensor(cont)[:, None]).sum()
+            assert got == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_cloze_training_items_match_what_the_cloze_protocol_scores():
+    """`--response-format cloze` trains on exactly the (prompt, response) pair the cloze protocol scores for the gold
+    option: the question alone -> the option text; label-word tasks keep their instruction and answer the label."""
+    from nora.harness.data import as_cloze_training
+
+    arc = Example(ARC, output="the correct answer is answer2", answer="answer2",
+                  options=["answer1", "answer2", "answer3"], task="arc-easy")  # fmt: skip
+    item = as_cloze_training(arc)
+    view = cloze_view(arc)
+    assert (item.instruction, item.output) == ("Which gas do plants absorb?", "carbon dioxide")
+    assert (item.instruction, item.input, item.options) == (view.instruction, view.input, view.options)
+    boolq = Example(BOOLQ, output="the correct answer is false", answer="false", options=["true", "false"])
+    assert (as_cloze_training(boolq).instruction, as_cloze_training(boolq).output) == (BOOLQ, "false")
+
+
+def test_cloze_training_of_free_form_data_is_one_clear_error():
+    from nora.harness import HarnessError
+    from nora.harness.data import as_cloze_training
+
+    with pytest.raises(HarnessError, match="--response-format cloze needs multiple-choice examples"):
+        as_cloze_training(Example("What is 2 + 3?", output="2 + 3 = 5\n#### 5", answer="5", kind="number"))

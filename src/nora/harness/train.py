@@ -31,7 +31,7 @@ from .. import NoraConfig, calibrate
 from ..io import atomic_dir, atomic_path, replace_dir, write_json
 from ..model import count_trainable, default_target_modules
 from . import HarnessError
-from .data import Fields, load_task
+from .data import Fields, as_cloze_training, load_task
 from .models import load_model
 from .prompts import IGNORE_INDEX, PadCollator, PromptBuilder, encode_all, response_positions
 from .runinfo import peak_rss_mb, versions, write_run_config
@@ -367,6 +367,8 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
     examples = load_task(args.data, "train", args.data_dir, fields, seed=args.seed)
     if args.limit:
         examples = examples[: args.limit]
+    if args.response_format == "cloze":
+        examples = [as_cloze_training(ex) for ex in examples]
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     builder = PromptBuilder(tokenizer, system_prompt=args.system_prompt)
     features, data_stats = encode_all(examples, builder, args.max_length)
