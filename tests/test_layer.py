@@ -206,3 +206,20 @@ def test_repr_and_lora_conversion_flag():
     _, layer = lin_model()
     assert repr(layer).startswith("nora.")
     assert layer.supports_lora_conversion()
+
+
+@pytest.mark.parametrize(
+    ("inner_init", "std", "expected"),
+    [("zeros", None, 0.1), ("gaussian", None, 0.02), ("uniform", None, 0.02), ("zeros", 0.05, 0.05),
+     ("gaussian", 0.3, 0.3)],
+)  # fmt: skip
+def test_inner_init_std_defaults_per_init(inner_init, std, expected):
+    """inner_init_std=None draws A' of 'zeros' with std 0.1 and both factors of gaussian/uniform with 0.02; an
+    explicit value wins. (A 128 x 128 layer with r = r' = 64 gives 4,096 draws per factor: std within 5%.)"""
+    model = nn.Sequential(nn.Linear(128, 128))
+    cfg = nora.NoraConfig(target_modules=["0"], r=64, r_inner=64, inner_init=inner_init, inner_init_std=std)
+    layer = get_peft_model(model, cfg).base_model.model[0]
+    inner_A = layer.nora_inner_A["default"]
+    assert inner_A.std().item() == pytest.approx(expected, rel=0.05)
+    inner_B = layer.nora_inner_B["default"]
+    assert (inner_B == 0).all() if inner_init == "zeros" else inner_B.std().item() == pytest.approx(expected, rel=0.05)

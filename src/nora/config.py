@@ -18,6 +18,9 @@ INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma")
 SVD_METHODS = ("auto", "full", "randomized")
 #: svd_method="auto" runs the exact SVD on matrices with max(m, n) <= this, the randomized SVD on larger ones
 AUTO_FULL_MAX_DIM = 2048
+#: inner_init_std=None resolves per init: the random A' of "zeros" sets how fast B' moves away from 0; for
+#: "gaussian"/"uniform" both factors are random and their product is the adapter's update at init
+DEFAULT_INNER_INIT_STD = {"zeros": 0.1, "gaussian": 0.02, "uniform": 0.02, "sqrt_sigma": 0.02}
 
 
 def _check_choice(field_name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -106,12 +109,19 @@ class NoraConfig(PeftConfig):
             "starts at dW = U Sigma^2 V^T, far from the base model)."
         },
     )
-    inner_init_std: float = field(default=0.02, metadata={"help": "Std of the gaussian/uniform inner factors."})
+    inner_init_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Std of the random inner factors. None: 0.1 for A' of inner_init='zeros' (with Adam the first "
+            "updates of B' scale with |A'|; 0.1 beat 0.02 on every seed in benchmarks/RESULTS.md section 4), "
+            "0.02 for 'gaussian'/'uniform' (both factors random, so their product perturbs W at init)."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
             "help": "True: the documented init given by outer_init/inner_init. False: both inner factors random "
-            "(gaussian, inner_init_std), so the adapter is not an identity at init; meant for tests."
+            "(gaussian, inner_init_std or 0.02), so the adapter is not an identity at init; meant for tests."
         },
     )
     nora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
@@ -178,7 +188,7 @@ class NoraConfig(PeftConfig):
             raise ValueError(f"NoraConfig: awsvd_alpha must be >= 0, got {self.awsvd_alpha}.")
         if not 0 < self.awsvd_eps < 1:
             raise ValueError(f"NoraConfig: awsvd_eps must be in (0, 1), got {self.awsvd_eps}.")
-        if self.inner_init_std <= 0:
+        if self.inner_init_std is not None and self.inner_init_std <= 0:
             raise ValueError(f"NoraConfig: inner_init_std must be > 0, got {self.inner_init_std}.")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise ValueError("NoraConfig: svd_niter and svd_oversample must be >= 0.")
@@ -199,6 +209,10 @@ class NoraConfig(PeftConfig):
         width = self.r if self.structure == "adapter" else self.r_inner
         alpha = width if self.alpha is None else self.alpha
         return alpha / width
+
+    def inner_std_for(self, inner_init: str) -> float:
+        """The std `inner_init` draws its random inner factors with: `inner_init_std`, or its per-init default."""
+        return DEFAULT_INNER_INIT_STD[inner_init] if self.inner_init_std is None else self.inner_init_std
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

@@ -150,7 +150,7 @@ class NoraLayer(BaseTunerLayer):
 
         shape_B, shape_A = inner_shapes(config.structure, m, r, config.r_inner)
         method = config.inner_init if config.init_weights else "gaussian"
-        inner_B, inner_A = init_inner(method, shape_B, shape_A, sigma, config.inner_init_std)
+        inner_B, inner_A = init_inner(method, shape_B, shape_A, sigma, config.inner_std_for(method))
         self.nora_inner_B[adapter_name] = nn.Parameter(inner_B.to(weight.device))
         if inner_A is not None:
             self.nora_inner_A[adapter_name] = nn.Parameter(inner_A.to(weight.device))
