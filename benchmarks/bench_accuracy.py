@@ -132,24 +132,24 @@ METHOD_ARGS: dict[str, list[str]] = {
     "loraxs": ["--method", "loraxs"],
     "full": ["--method", "full"],
 }
-#: the short learning-rate sweep per method (~3x apart, around each method's usual range). The third value was
-#: added after the first pass, where the best validation lr of these methods was the top of a 2-point sweep.
+#: the learning-rate sweep per method (~3x apart, around each method's usual range). Pass 1 ran the first two values;
+#: pass 2 added larger ones wherever the best validation lr was the top of the sweep, until it no longer was.
 ENCODER_LRS = {
-    "zero-shot": (2e-3, 1e-2, 3e-2),
+    "zero-shot": (2e-3, 1e-2, 3e-2, 1e-1),
     "nora": (1e-3, 4e-3, 1.2e-2),
     "loraxs": (1e-3, 4e-3, 1.2e-2),
     "lora": (3e-4, 1e-3, 3e-3),
     "dora": (3e-4, 1e-3, 3e-3),
-    "pissa": (3e-4, 1e-3),
-    "vera": (3e-3, 1e-2, 3e-2),
-    "full": (3e-5, 1e-4, 3e-4),
+    "pissa": (3e-4, 1e-3, 3e-3),
+    "vera": (3e-3, 1e-2, 3e-2, 1e-1),
+    "full": (3e-5, 1e-4, 3e-4, 1e-3),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),
     "loraxs": (1e-3, 3e-3),
     "lora": (3e-4, 1e-3),
     "dora": (3e-4, 1e-3),
-    "pissa": (3e-4, 1e-3),
+    "pissa": (3e-4, 1e-3, 3e-3),
     "vera": (3e-3, 1e-2),
     "full": (1e-5, 3e-5),
 }
