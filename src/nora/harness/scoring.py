@@ -139,7 +139,8 @@ def option_logprobs(
         bar.update(len(idx))
     # several-token options: the prompt is encoded once per example and its key/value cache is shared by all of the
     # example's options (4 options of ARC cost ~1.3 prompt lengths instead of 4)
-    option_batch = max(1, batch_size // max(max((len(continuations[i]) for i in slow), default=1), 1))
+    widest = max((len(continuations[i]) for i in slow), default=1)
+    option_batch = max(1, batch_size // widest)
     for batch in _batches_by_length([len(contexts[i]) for i in slow], option_batch):
         idx = [slow[b] for b in batch]
         for i, row_scores in zip(idx, _score_with_shared_prompt(model, idx, contexts, continuations, pad_id, device)):
