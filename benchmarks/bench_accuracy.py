@@ -289,14 +289,7 @@ def plan_units(
                     for lr in ablation_lrs or [ENCODER_ABLATION_LR]:
                         units.append(Unit("encoder", task, variant, lr, seed))
     if "decoder" in only:
-        for seed in seeds or [0, 1]:
-            for method in methods or METHODS:
-                if method == "zero-shot":
-                    if seed == (seeds or [0])[0]:
-                        units.append(Unit("decoder", "commonsense", "zero-shot", None, 0))
-                    continue
-                for lr in _lrs(DECODER_LRS, method, lrs):
-                    units.append(Unit("decoder", "commonsense", method, lr, seed))
+        units += _method_units("decoder", "commonsense", methods, seeds, lrs)
     if "ablation" in only:
         for seed in seeds or [0, 1]:
             for table, cells in ABLATIONS.items():
@@ -316,14 +309,21 @@ def plan_units(
                 for lr in ablation_lrs or [ABLATION_LR]:
                     units.append(Unit("decoder", "commonsense", variant_key("defaults", name), lr, seed))
     if "gsm8k" in only:
-        for seed in seeds or [0, 1]:
-            for method in methods or METHODS:
-                if method == "zero-shot":
-                    if seed == (seeds or [0])[0]:
-                        units.append(Unit("gsm8k", "gsm8k", "zero-shot", None, 0))
-                    continue
-                for lr in _lrs(DECODER_LRS, method, lrs):
-                    units.append(Unit("gsm8k", "gsm8k", method, lr, seed))
+        units += _method_units("gsm8k", "gsm8k", methods, seeds, lrs)
+    return units
+
+
+def _method_units(part: str, task: str, methods, seeds, lrs) -> list[Unit]:
+    """Decoder-side method units: zero-shot once (seed 0, no lr), every other method per seed and lr of its sweep."""
+    units = []
+    for seed in seeds or [0, 1]:
+        for method in methods or METHODS:
+            if method == "zero-shot":
+                if seed == (seeds or [0])[0]:
+                    units.append(Unit(part, task, "zero-shot", None, 0))
+                continue
+            for lr in _lrs(DECODER_LRS, method, lrs):
+                units.append(Unit(part, task, method, lr, seed))
     return units
 
 
