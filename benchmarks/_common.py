@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,16 +76,28 @@ def command_line() -> str:
 
 # ----------------------------------------------------------------------------------------------------------- JSON
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomic JSON write (tmp file + os.replace), stable key order."""
+    """Atomic JSON write (tmp file + os.replace), insertion key order."""
+    from nora.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def replace_block(path: str | os.PathLike, name: str, text: str) -> None:
+    """Replace what stands between the lines `<!-- NAME:begin -->` and `<!-- NAME:end -->` of a Markdown file (the
+    generated tables of RESULTS.md), atomically; the rest of the file is left as written by hand."""
+    from nora.io import write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = path.read_text()
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise ValueError(f"{path} must contain the marker lines {begin!r} and {end!r} once each, in that order; "
+                         "put them around the generated block")  # fmt: skip
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    write_text(path, f"{head}{begin}\n\n{text.strip()}\n\n{end}{tail}")
 
 
 def _json_default(obj):

@@ -106,3 +106,24 @@ def test_accuracy_plan_and_parsing(bench_accuracy):
                          "Answer2: b b. Answer3: c. Answer4: d.\n\nAnswer format: answer1/answer2/answer3/answer4",
                          "answer": "answer2", "options": ["answer1", "answer2", "answer3", "answer4"]})  # fmt: skip
     assert B.mc_item(ex) == ("Why?", ["a.", "b b.", "c.", "d."], 1)
+
+
+def test_replace_block_rewrites_only_the_generated_tables(bench_accuracy, tmp_path):
+    """`--report` rewrites RESULTS.md between its markers and nothing else; without markers it writes nothing."""
+    C = sys.modules["_common"]
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# hand\n\n<!-- accuracy:begin -->\n\nold table\n\n<!-- accuracy:end -->\n\nhand-written tail\n")
+    C.replace_block(doc, "accuracy", "#### new\n\n| a |\n")
+    assert doc.read_text() == (
+        "# hand\n\n<!-- accuracy:begin -->\n\n#### new\n\n| a |\n\n<!-- accuracy:end -->\n\nhand-written tail\n"
+    )
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError, match="marker lines"):
+        C.replace_block(plain, "accuracy", "x")
+    assert plain.read_text() == "no markers\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "RESULTS.md",
+        "plain.md",
+    ]
+    results = (BENCH / "RESULTS.md").read_text()  # the committed file carries the markers --report needs
+    assert results.count("<!-- accuracy:begin -->") == 1 and results.count("<!-- accuracy:end -->") == 1
