@@ -147,6 +147,32 @@ def test_every_method_trains(method, tiny_llama_dir, tiny_task_dir, tmp_path):
         assert metrics["trainable_params"] == 8 * 8 * 7 * 2  # one r x r matrix per module
 
 
+class _LogitsAtEnd(TrainerCallback):
+    """The trained model's logits on fixed ids, in the training process (PiSSA: residual base + trained adapter)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=torch.arange(3, 19).view(2, 8)).logits
+
+
+def test_pissa_adapter_is_saved_for_the_original_base_model(tiny_llama_dir, tiny_task_dir, tmp_path):
+    """PiSSA rewrites the base weights to W - B0 A0; the saved adapter must reproduce the trained model on the
+    ORIGINAL base (how `nora eval` and PeftModel.from_pretrained load it), so it is saved converted to rank-2r LoRA."""
+    end = _LogitsAtEnd()
+    extra = ["--max-steps", "2", "--method", "pissa", "--lora-r", "4", "--lr", "5e-2"]
+    run_train(parse_args(_train_argv(tiny_llama_dir, tiny_task_dir, tmp_path / "p", *extra)), callbacks=[end])
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        before = base(input_ids=torch.arange(3, 19).view(2, 8)).logits
+        loaded = PeftModel.from_pretrained(base, tmp_path / "p").eval()
+        after = loaded(input_ids=torch.arange(3, 19).view(2, 8)).logits
+    assert (end.logits - before).abs().max() > 1e-3  # training moved the model, so the check below is not vacuous
+    torch.testing.assert_close(after, end.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_awsvd_calibrates_before_training(tiny_llama_dir, tiny_task_dir, tmp_path):
     extra = ["--max-steps", "1", "--outer-init", "awsvd", "--calib-samples", "8"]
     metrics = run_train(parse_args(_train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, *extra)))

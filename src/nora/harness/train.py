@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -275,15 +276,33 @@ def last_checkpoint(out: Path, verbose: bool = True) -> str | None:
     return None
 
 
-def save_final_model(trainer: Trainer, out: Path) -> None:
+def save_final_model(trainer: Trainer, out: Path, pissa_init: Path | None = None) -> None:
     """The trained adapter (or full model) into `out`, crash-safely: rank 0 saves into a temporary sibling folder
     and each file is then renamed into `out` (nora.io.atomic_dir). Every rank calls Trainer.save_model (a model
-    sharded at load time gathers its weights collectively there); the other ranks write nothing."""
+    sharded at load time gathers its weights collectively there); the other ranks write nothing.
+
+    PiSSA (`pissa_init`: the adapter saved before training) changes the base weights to W - B0 A0, so its raw adapter
+    is only correct on that residual model; it is saved converted to a plain rank-2r LoRA of the ORIGINAL base model
+    (PEFT's `path_initial_model_for_weight_conversion`), which `PeftModel.from_pretrained` and `nora eval` load."""
     if not trainer.args.should_save:
         trainer.save_model(str(out))
         return
     with atomic_dir(out) as tmp:
         trainer.save_model(str(tmp))
+        if pissa_init is not None:
+            trainer.model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(pissa_init))
+
+
+def save_pissa_init(model, directory: Path) -> Path:
+    """The freshly initialised PiSSA adapter (B0, A0), saved with init_lora_weights=True as PEFT's conversion needs."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        path = directory / "pissa_init"
+        model.save_pretrained(str(path))
+    finally:
+        config.init_lora_weights = init
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -390,6 +409,8 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         set_seed(args.seed)
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
+    init_dir = Path(tempfile.mkdtemp(prefix="nora-pissa-init-")) if args.method == "pissa" else None
+    pissa_init = save_pissa_init(model, init_dir) if init_dir is not None and rank == 0 else None
 
     resume_from = last_checkpoint(out, verbose=rank == 0) if args.resume and out.is_dir() else None
     if args.resume and resume_from is None and rank == 0:
@@ -409,8 +430,12 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
     if args.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossInBar())
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    save_final_model(trainer, out)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        save_final_model(trainer, out, pissa_init)
+    finally:
+        if init_dir is not None:
+            shutil.rmtree(init_dir, ignore_errors=True)
 
     metrics = collect_metrics(args, trainer, recorder, model, peft_config, data_stats, calibration)
     metrics.update(resumed_from=resume_from, train_loss_mean=result.training_loss, world_size=world)
