@@ -409,8 +409,9 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         set_seed(args.seed)
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
-    init_dir = Path(tempfile.mkdtemp(prefix="nora-pissa-init-")) if args.method == "pissa" else None
-    pissa_init = save_pissa_init(model, init_dir) if init_dir is not None and rank == 0 else None
+    # rank 0 saves the final adapter, so it alone keeps PiSSA's initial adapter for the conversion (save_final_model)
+    init_dir = Path(tempfile.mkdtemp(prefix="nora-pissa-init-")) if args.method == "pissa" and rank == 0 else None
+    pissa_init = save_pissa_init(model, init_dir) if init_dir is not None else None
 
     resume_from = last_checkpoint(out, verbose=rank == 0) if args.resume and out.is_dir() else None
     if args.resume and resume_from is None and rank == 0:
