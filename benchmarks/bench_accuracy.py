@@ -656,7 +656,8 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
             if sel is None:
                 row.append("not run yet")
                 continue
-            params += [C.fmt_int(sel["params"])] if C.fmt_int(sel["params"]) not in params else []
+            if (count := C.fmt_int(sel["params"])) not in params:
+                params.append(count)
             row.append(f"{fmt_stat(sel['stats']['test'])} @ {_lr(sel['lr'])}")
         row[1] = " / ".join(params) or "-"
         rows.append(row)
@@ -902,7 +903,8 @@ def plot(cells: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     legend = {}  # one legend for all panels, below them, so that no marker is hidden
     for ax in axes:
-        legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+        handles, names = ax.get_legend_handles_labels()
+        legend.update(zip(names, handles))
     if legend:
         fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(5, len(legend)), fontsize=8)
     fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
