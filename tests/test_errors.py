@@ -247,9 +247,9 @@ def test_calibrate_target_never_ran():
 # loading a saved adapter
 
 
-def test_load_onto_base_with_other_shapes(saved_adapter):
-    path, _ = saved_adapter
-    other = LlamaForCausalLM(
+def _wider_llama():
+    """A Llama whose hidden size (48) differs from the saved adapter's base (32)."""
+    return LlamaForCausalLM(
         LlamaConfig(
             hidden_size=48,
             intermediate_size=64,
@@ -259,6 +259,11 @@ def test_load_onto_base_with_other_shapes(saved_adapter):
             vocab_size=M.VOCAB,
         )
     )
+
+
+def test_load_onto_base_with_other_shapes(saved_adapter):
+    path, _ = saved_adapter
+    other = _wider_llama()
     with pytest.raises(ValueError, match=r"does not fit this base model: module .*shape \(48, 48\) != \(32, 32\)"):
         PeftModel.from_pretrained(other, path)
 
@@ -266,16 +271,7 @@ def test_load_onto_base_with_other_shapes(saved_adapter):
 def test_load_adapter_whose_tensor_shapes_do_not_fit(saved_adapter):
     """With the fingerprint check off, the shape check on the state dict still names the offending tensor."""
     path, _ = saved_adapter
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=M.VOCAB,
-        )
-    )
+    other = _wider_llama()
     cfg = nora.NoraConfig.from_pretrained(path)
     cfg.check_base_fingerprint = False
     with pytest.raises(
