@@ -177,7 +177,19 @@ def _train(args: argparse.Namespace) -> int:
             f"nora train: {metrics['steps']} steps in {metrics['train_seconds']:.1f} s, final loss "
             f"{metrics['final_loss']}, trainable {metrics['trainable_params']:,} params -> {args.out}"
         )
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun/accelerate: wait for every rank, then tear the process group down before the interpreter exits.
+    Left to interpreter shutdown, gloo's worker threads sometimes abort a rank ("terminate called without an active
+    exception", exit code -6) after a run that finished correctly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
