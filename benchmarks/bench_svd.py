@@ -10,7 +10,8 @@ randomized SVD init time / accuracy for LLaMA-3-8B-shaped matrices.
     forward hooks) for B, A from `nora.init.outer_svd` and `nora.init.outer_awsvd(activation_scale(stats, alpha))`,
     alpha in {0.25, 0.5, 1.0}, ranks 16 / 64 / 128.
 (b) Wall time and accuracy of `nora.init.truncated_svd` ('full' = torch.linalg.svd vs 'randomized' =
-    torch.svd_lowrank with oversample 16 and niter 2/4/8) at r = 64 on random matrices with the shapes of LLaMA-3 8B
+    torch.svd_lowrank with oversample 16 and niter 2/4/8, plus a (niter, oversample) grid of 'randomized' and
+    'randomized_bf16', the same subspace iteration with bfloat16 products, interleaved) at r = 64 on random matrices with the shapes of LLaMA-3 8B
     and a power-law spectrum fitted to real weights, one matrix at a time; then on SmolLM2's real weights; then an
     extrapolation to the whole 8B model (32 layers x 7 matrices).
 Results of (b) are cached per (shape, method, seed) under results/cache/svd_time/ (a full SVD of a 14336 x 4096 matrix
@@ -40,8 +41,13 @@ LLAMA3_8B_SHAPES = {  # (out, in) and how many of each per decoder layer
 }
 LLAMA3_LAYERS = 32
 SVD_METHODS = [("full", 0), ("randomized", 2), ("randomized", 4), ("randomized", 8)]
-REAL_EXTRA = [(3, 64), (4, 64), (6, 16), (8, 64)]  # extra (niter, oversample) tried on SmolLM2's real weights
-GRID = [(3, 16), (4, 32), (5, 16), (6, 16), (4, 64), (3, 64)]  # (niter, oversample) trade-off search
+#: (svd_method, niter, oversample) trade-off search; 'randomized_bf16' runs the range finder's products in bfloat16
+GRID = [("randomized", n, o) for n, o in [(3, 16), (4, 32), (5, 16), (6, 16), (4, 64), (3, 64), (6, 64)]] + [
+    ("randomized_bf16", n, o) for n, o in [(3, 64), (4, 64), (5, 64), (6, 64), (8, 64)]
+]
+REAL_EXTRA = [("randomized", n, o) for n, o in [(3, 64), (4, 64), (6, 16), (6, 64), (8, 64)]] + [
+    ("randomized_bf16", n, o) for n, o in [(4, 64), (6, 64), (8, 64)]
+]  # extra configurations tried on SmolLM2's real weights
 
 
 # ======================================================================================================= (a) error
@@ -278,7 +284,7 @@ def time_study(args) -> dict:
     torch.set_num_threads(args.threads)
     beta = args.beta
     rows, grid = [], []
-    configs = [(niter, 16) for m, niter in SVD_METHODS if m == "randomized"]
+    configs = [(m, niter, 16) for m, niter in SVD_METHODS if m == "randomized"]
     if args.grid:
         configs += [g for g in GRID if g not in configs]
     for label, (shape, count) in LLAMA3_8B_SHAPES.items():
@@ -312,19 +318,20 @@ def time_study(args) -> dict:
             resid = {}
             m = matrix()
             for _ in range(args.repeats):
-                for niter, over in configs:
-                    res = time_one(m, "randomized", niter, args.rank, args.seed, args.threads, 1, over)
-                    times[(niter, over)].append(res["seconds"])
-                    resid[(niter, over)] = res["rel_resid"]
+                for c in configs:
+                    res = time_one(m, c[0], c[1], args.rank, args.seed, args.threads, 1, c[2])
+                    times[c].append(res["seconds"])
+                    resid[c] = res["rel_resid"]
             return [
                 {
+                    "method": meth,
                     "niter": n,
                     "oversample": o,
-                    "seconds": _common.median(times[(n, o)]),
-                    "all_seconds": times[(n, o)],
-                    "rel_resid": resid[(n, o)],
+                    "seconds": _common.median(times[(meth, n, o)]),
+                    "all_seconds": times[(meth, n, o)],
+                    "rel_resid": resid[(meth, n, o)],
                 }
-                for n, o in configs
+                for meth, n, o in configs
             ]
 
         params = {**base, "configs": configs, "repeats": args.repeats}
@@ -332,9 +339,10 @@ def time_study(args) -> dict:
             "svd_time", f"{label}_randomized", args.seed, interleaved, params=params, force=args.force
         )
         for res in rec["result"]:
-            row = {"shape": label, "count_per_layer": count, "method": "randomized", **res}
-            (rows if res["oversample"] == 16 and res["niter"] in (2, 4, 8) else grid).append(row)
-            print(f"  {label} randomized niter={res['niter']} over={res['oversample']}: {res['seconds']:.2f} s")
+            row = {"shape": label, "count_per_layer": count, **res}
+            base_row = res["method"] == "randomized" and res["oversample"] == 16 and res["niter"] in (2, 4, 8)
+            (rows if base_row else grid).append(row)
+            print(f"  {label} {_label(row)}: {res['seconds']:.2f} s")
         del w
         gc.collect()
     for row in rows + grid:
@@ -366,7 +374,7 @@ def real_weights_study(args) -> dict:
             for n, m in model.named_modules()
             if n.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "weight")
         ]
-        configs = [(m, n, 16) for m, n in SVD_METHODS] + [("randomized", n, o) for n, o in REAL_EXTRA]
+        configs = [(m, n, 16) for m, n in SVD_METHODS] + REAL_EXTRA
         out = {f"{m}_{n}_{o}": {"seconds_total": 0.0, "resid": []} for m, n, o in configs}
         for _name, w in mats:  # interleaved: every method on one matrix, then the next matrix
             for method, niter, over in configs:
@@ -434,8 +442,8 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
 def extrapolate_grid(grid: list[dict]) -> list[dict]:
     out = []
-    for niter, over in GRID:
-        sel = [g for g in grid if g["niter"] == niter and g["oversample"] == over]
+    for method, niter, over in GRID:
+        sel = [g for g in grid if (g["method"], g["niter"], g["oversample"]) == (method, niter, over)]
         if len(sel) < len(LLAMA3_8B_SHAPES):
             continue
         model_s = LLAMA3_LAYERS * sum(g["seconds"] * g["count_per_layer"] for g in sel)
@@ -443,6 +451,7 @@ def extrapolate_grid(grid: list[dict]) -> list[dict]:
         worst = max(g["resid_rel_diff_pct"] for g in sel)
         out.append(
             {
+                "method": method,
                 "niter": niter,
                 "oversample": over,
                 "model_s": model_s,
@@ -453,11 +462,33 @@ def extrapolate_grid(grid: list[dict]) -> list[dict]:
     return out
 
 
+def _label(row: dict) -> str:
+    return "full" if row["method"] == "full" else f"{row['method']} niter={row['niter']} over={row['oversample']}"
+
+
+def speedups(grid: list[dict]) -> list[dict]:
+    """Side-by-side ratio per shape: fp32 'randomized' median time / 'randomized_bf16' median time at the same
+    (niter, oversample), both timed in the same interleaved rounds; residual difference between the two."""
+    out = []
+    for g in grid:
+        if g["method"] != "randomized_bf16":
+            continue
+        ref = next(
+            (x for x in grid if (x["method"], x["shape"], x["niter"], x["oversample"])
+             == ("randomized", g["shape"], g["niter"], g["oversample"])), None,
+        )  # fmt: skip
+        if ref is not None:
+            out.append({"shape": g["shape"], "niter": g["niter"], "oversample": g["oversample"],
+                        "fp32_s": ref["seconds"], "bf16_s": g["seconds"], "speedup": ref["seconds"] / g["seconds"],
+                        "resid_diff_pct_points": g["resid_rel_diff_pct"] - ref["resid_rel_diff_pct"]})  # fmt: skip
+    return out
+
+
 def render_time(res: dict) -> str:
     lines = []
     table = []
     for r in res["rows"] + res.get("grid", []):
-        m = "full" if r["method"] == "full" else f"randomized niter={r['niter']} over={r['oversample']}"
+        m = _label(r)
         spread = "" if r["method"] == "full" else f" [{_best(r):.2f}-{max(r['all_seconds']):.2f}]"
         table.append(
             [r["shape"], m, f"{r['seconds']:.2f}{spread}", f"{r['rel_resid']:.6f}", f"{r['resid_rel_diff_pct']:+.4f}%"]
@@ -477,7 +508,7 @@ def render_time(res: dict) -> str:
     lines.append("")
     table = []
     for e in res["extrapolation"] + res.get("grid_extrapolation", []):
-        m = "full" if e.get("method") == "full" else f"randomized niter={e['niter']} over={e['oversample']}"
+        m = _label({"method": "randomized", **e})
         ok = e["model_s_best"] <= 120 and e["worst_resid_rel_diff_pct"] <= 0.1
         table.append(
             [
@@ -500,12 +531,21 @@ def render_time(res: dict) -> str:
             table,
         )
     )
+    table = [
+        [s["shape"], f"{s['niter']} / {s['oversample']}", f"{s['fp32_s']:.2f}", f"{s['bf16_s']:.2f}",
+         f"{s['speedup']:.2f}x", f"{s['resid_diff_pct_points']:+.4f}"]
+        for s in speedups(res.get("grid", []))
+    ]  # fmt: skip
+    if table:
+        header = ["shape", "niter / oversample", "randomized s", "randomized_bf16 s", "speed-up",
+                  "residual diff (pct points)"]  # fmt: skip
+        lines += ["", _common.markdown_table(header, table)]
     real = res["real"]
     lines.append("")
     table = []
     for key, v in real["methods"].items():
-        method, niter, over = key.split("_")
-        m = "full" if method == "full" else f"randomized niter={niter} over={over}"
+        method, niter, over = key.rsplit("_", 2)
+        m = _label({"method": method, "niter": niter, "oversample": over})
         table.append(
             [m, f"{v['seconds_total']:.2f}", f"{v['mean_rel_diff_pct']:+.4f}%", f"{v['max_rel_diff_pct']:+.4f}%"]
         )
@@ -570,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             extrapolation=res["extrapolation"],
             grid=res["grid"],
             grid_extrapolation=res["grid_extrapolation"],
+            speedups=speedups(res["grid"]),
             real=res["real"],
             markdown=text,
             params={"rank": args.rank, "threads": args.threads, "oversample": 16},

@@ -44,7 +44,7 @@ def decaying_matrix(m: int, n: int, decay: float = 0.9, seed: int = 0) -> tuple[
 # outer factors
 
 
-@pytest.mark.parametrize("svd_method", ["full", "randomized"])
+@pytest.mark.parametrize("svd_method", ["full", "randomized", "randomized_bf16"])
 def test_awsvd_with_unit_scale_is_plain_svd(svd_method):
     W = random_matrix(40, 24)
     svd = outer_svd(W, 8, svd_method=svd_method, seed=3)
@@ -95,16 +95,56 @@ def test_randomized_svd_matches_full_svd_on_decaying_spectrum():
     torch.testing.assert_close(rand.sigma, full.sigma, atol=1e-4, rtol=0)
 
 
-def test_auto_svd_is_exact_on_small_and_randomized_on_large_matrices():
+@pytest.mark.parametrize(("decay", "tol"), [(0.9, 2e-3), (0.995, 5e-4)])
+def test_bf16_randomized_svd_matches_the_float32_one(decay, tol):
+    """Same knobs, same residual as torch.svd_lowrank (the sketches differ: each draws its own Gaussian). bf16
+    rounding (u = 2^-8 relative per entry) perturbs the subspace found; its effect on the residual
+    res = ||W - BA|| / ||W|| is second order, about (u / res)^2 relative:
+    0.1 % on a fast spectrum (0.9^i, res 3.4 %; tol 0.2 %), negligible next to the randomness of the sketch on a
+    flat one (0.995^i, res 84 %, the case of LLM weights; tol 0.05 %). Its factors come from a float32
+    Rayleigh-Ritz step: A = V_r^T has orthonormal rows to 1e-5, which bf16 arithmetic alone could not give."""
+    W, sigma = decaying_matrix(256, 512, decay=decay)
+    r = 32
+    kwargs = {"niter": 4, "oversample": 16, "seed": 0}
+    full = outer_svd(W, r, svd_method="full")
+    fp32 = outer_svd(W, r, svd_method="randomized", **kwargs)
+    bf16 = outer_svd(W, r, svd_method="randomized_bf16", **kwargs)
+    err = {k: reconstruction_error(W, f.B, f.A) for k, f in (("full", full), ("fp32", fp32), ("bf16", bf16))}
+    assert err["bf16"] == pytest.approx(err["fp32"], rel=tol)
+    assert err["bf16"] >= err["full"] * (1 - 1e-6)  # Eckart-Young: nothing beats the exact SVD
+    assert not torch.equal(bf16.B, fp32.B)  # a different computation, not a fall-back to the float32 one
+    assert bf16.B.dtype == bf16.A.dtype == bf16.sigma.dtype == torch.float32
+    torch.testing.assert_close(bf16.A @ bf16.A.T, torch.eye(r), atol=1e-5, rtol=0)
+    if decay == 0.9:  # on the flat spectrum neither randomized SVD resolves sigma_r to better than ~2 %
+        torch.testing.assert_close(bf16.sigma, full.sigma, atol=1e-3 * float(sigma[0]), rtol=0)
+
+
+def test_bf16_randomized_svd_is_seeded_and_leaves_global_rng_alone():
+    W = random_matrix(96, 64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = truncated_svd(W, 8, svd_method="randomized_bf16", seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = truncated_svd(W, 8, svd_method="randomized_bf16", seed=7)
+    c = truncated_svd(W, 8, svd_method="randomized_bf16", seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_svd_is_exact_on_small_and_randomized_on_large_matrices(fast, monkeypatch):
+    monkeypatch.setattr(init_module, "fast_bf16_matmul", lambda device: fast)
+    large = "randomized_bf16" if fast else "randomized"
     assert resolve_svd_method("auto", (AUTO_FULL_MAX_DIM, 576)) == "full"
-    assert resolve_svd_method("auto", (AUTO_FULL_MAX_DIM + 1, 576)) == "randomized"
-    assert resolve_svd_method("auto", (14336, 4096)) == "randomized"
+    assert resolve_svd_method("auto", (AUTO_FULL_MAX_DIM + 1, 576)) == large
+    assert resolve_svd_method("auto", (14336, 4096)) == large
+    assert resolve_svd_method("randomized_bf16", (8, 8)) == "randomized_bf16"
     assert resolve_svd_method("full", (14336, 4096)) == "full"
     assert resolve_svd_method("randomized", (8, 8)) == "randomized"
     W = random_matrix(64, 48)
     for x, y in zip(truncated_svd(W, 8, svd_method="auto"), truncated_svd(W, 8, svd_method="full")):
         assert torch.equal(x, y)
-    with pytest.raises(ValueError, match=r"valid values are 'auto', 'full', 'randomized'"):
+    with pytest.raises(ValueError, match=r"valid values are 'auto', 'full', 'randomized', 'randomized_bf16'"):
         resolve_svd_method("exact", (8, 8))
 
 
@@ -114,7 +154,8 @@ def test_auto_svd_in_the_layer_uses_the_randomized_svd_above_the_threshold(monke
     monkeypatch.setattr(init_module, "AUTO_FULL_MAX_DIM", 16)
     weight = random_matrix(24, 20)
     auto = outer_svd(weight, 6, svd_method="auto", seed=5)
-    rand = outer_svd(weight, 6, svd_method="randomized", seed=5)
+    large = "randomized_bf16" if init_module.fast_bf16_matmul("cpu") else "randomized"
+    rand = outer_svd(weight, 6, svd_method=large, seed=5)
     full = outer_svd(weight, 6, svd_method="full")
     assert torch.equal(auto.B, rand.B) and torch.equal(auto.A, rand.A)
     assert not torch.equal(auto.B, full.B)
@@ -205,7 +246,7 @@ def test_outer_seeds_differ_per_module_but_agree_across_builds():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("svd_method", ["full", "randomized"])
+@pytest.mark.parametrize("svd_method", ["full", "randomized", "randomized_bf16"])
 def test_svd_runs_in_float32_and_is_stored_in_base_dtype(dtype, svd_method, monkeypatch):
     seen = []
     real_svd, real_lowrank = torch.linalg.svd, torch.svd_lowrank

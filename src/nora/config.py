@@ -15,8 +15,8 @@ FORMAT_VERSION = 1
 STRUCTURES = ("nested", "output", "parallel", "adapter")
 OUTER_INITS = ("svd", "awsvd", "random")
 INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma")
-SVD_METHODS = ("auto", "full", "randomized")
-#: svd_method="auto" runs the exact SVD on matrices with max(m, n) <= this, the randomized SVD on larger ones
+SVD_METHODS = ("auto", "full", "randomized", "randomized_bf16")
+#: svd_method="auto" runs the exact SVD on matrices with max(m, n) <= this, a randomized SVD on larger ones
 AUTO_FULL_MAX_DIM = 2048
 #: inner_init_std=None resolves per init: the random A' of "zeros" sets how fast B' moves away from 0; for
 #: "gaussian"/"uniform" both factors are random and their product is the adapter's update at init
@@ -83,13 +83,14 @@ class NoraConfig(PeftConfig):
             "mean |x_j| < awsvd_eps * max_k mean |x_k| are raised to that floor so S stays invertible."
         },
     )
-    svd_method: Literal["auto", "full", "randomized"] = field(
+    svd_method: Literal["auto", "full", "randomized", "randomized_bf16"] = field(
         default="auto",
         metadata={
-            "help": "'full' (exact, torch.linalg.svd), 'randomized' (torch.svd_lowrank, seeded by init_seed) or "
-            f"'auto': full for matrices with max(out, in) <= {AUTO_FULL_MAX_DIM}, randomized above (benchmarks/"
-            "RESULTS.md section 3b: full SVD of LLaMA-3-8B takes ~2.4 h on 2 CPU cores, randomized with niter 4 / "
-            "oversample 64 ~200 s within 0.04% of the exact residual)."
+            "help": "'full' (exact, torch.linalg.svd), 'randomized' (torch.svd_lowrank, seeded by init_seed), "
+            "'randomized_bf16' (the same subspace iteration with bfloat16 products and a float32 Rayleigh-Ritz "
+            f"step) or 'auto': full for matrices with max(out, in) <= {AUTO_FULL_MAX_DIM}; above it "
+            "randomized_bf16 where the device multiplies bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), "
+            "randomized elsewhere (benchmarks/RESULTS.md section 3b)."
         },
     )
     svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
