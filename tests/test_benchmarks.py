@@ -161,3 +161,27 @@ def test_replace_block_rewrites_only_the_generated_tables(bench_accuracy, tmp_pa
     ]
     results = (BENCH / "RESULTS.md").read_text()  # the committed file carries the markers --report needs
     assert results.count("<!-- accuracy:begin -->") == 1 and results.count("<!-- accuracy:end -->") == 1
+
+
+# ------------------------------------------------------------------------------------------------ bench_svd
+@pytest.fixture(scope="module")
+def bench_svd():
+    yield from _load_bench("bench_svd")
+
+
+def test_svd_grid_extrapolates_per_method_and_pairs_bf16_with_float32(bench_svd):
+    """Whole-model seconds = 32 layers x sum(count x time per shape), separately for 'randomized' and
+    'randomized_bf16' at the same (niter, oversample); the speed-up pairs the two on each shape."""
+    grid = []
+    for label, (_shape, count) in bench_svd.LLAMA3_8B_SHAPES.items():
+        for method, seconds, resid in (("randomized", 2.0, 0.05), ("randomized_bf16", 0.5, 0.06)):
+            grid.append({"shape": label, "count_per_layer": count, "method": method, "niter": 4, "oversample": 64,
+                         "seconds": seconds, "all_seconds": [seconds, seconds * 2], "resid_rel_diff_pct": resid})  # fmt: skip
+    rows = {(e["method"], e["niter"], e["oversample"]): e for e in bench_svd.extrapolate_grid(grid)}
+    per_layer = sum(c for _, c in bench_svd.LLAMA3_8B_SHAPES.values())  # 7 matrices
+    assert rows[("randomized", 4, 64)]["model_s"] == pytest.approx(32 * per_layer * 2.0)
+    assert rows[("randomized_bf16", 4, 64)]["model_s_best"] == pytest.approx(32 * per_layer * 0.5)
+    assert rows[("randomized_bf16", 4, 64)]["worst_resid_rel_diff_pct"] == pytest.approx(0.06)
+    speed = bench_svd.speedups(grid)
+    assert len(speed) == len(bench_svd.LLAMA3_8B_SHAPES)
+    assert all(s["speedup"] == pytest.approx(4.0) and s["resid_diff_pct_points"] == pytest.approx(0.01) for s in speed)
