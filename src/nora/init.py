@@ -57,7 +57,8 @@ def fast_bf16_matmul(device: torch.device | str = "cpu") -> bool:
 def resolve_svd_method(svd_method: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> str:
     """'full', 'randomized' or 'randomized_bf16'. 'auto' picks the exact SVD for matrices with
     max(m, n) <= AUTO_FULL_MAX_DIM; above it the randomized SVD, with bfloat16 products where `device` multiplies
-    bf16 natively (`fast_bf16_matmul`; same residual within 0.001 percentage points, 1.5-2x faster: RESULTS.md 3b)."""
+    bf16 natively (`fast_bf16_matmul`; residual within 0.005 percentage points of torch.svd_lowrank's, 1.1-1.6x
+    faster per LLaMA-3-8B-shaped matrix: benchmarks/RESULTS.md section 3b)."""
     if svd_method not in SVD_METHODS:
         raise ValueError(f"unknown svd_method={svd_method!r}; valid values are {', '.join(map(repr, SVD_METHODS))}.")
     if svd_method == "auto":
