@@ -119,18 +119,6 @@ def test_bf16_randomized_svd_matches_the_float32_one(decay, tol):
         torch.testing.assert_close(bf16.sigma, full.sigma, atol=1e-3 * float(sigma[0]), rtol=0)
 
 
-def test_bf16_randomized_svd_is_seeded_and_leaves_global_rng_alone():
-    W = random_matrix(96, 64)
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    a = truncated_svd(W, 8, svd_method="randomized_bf16", seed=7)
-    assert torch.equal(torch.get_rng_state(), state)
-    b = truncated_svd(W, 8, svd_method="randomized_bf16", seed=7)
-    c = truncated_svd(W, 8, svd_method="randomized_bf16", seed=8)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], c[0])
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_auto_svd_is_exact_on_small_and_randomized_on_large_matrices(fast, monkeypatch):
     monkeypatch.setattr(init_module, "fast_bf16_matmul", lambda device: fast)
@@ -161,15 +149,17 @@ def test_auto_svd_in_the_layer_uses_the_randomized_svd_above_the_threshold(monke
     assert not torch.equal(auto.B, full.B)
 
 
-def test_randomized_svd_is_seeded_and_leaves_global_rng_alone():
+@pytest.mark.parametrize("svd_method", ["randomized", "randomized_bf16"])
+def test_randomized_svd_is_seeded_and_leaves_global_rng_alone(svd_method):
     W = random_matrix(64, 48)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = truncated_svd(W, 8, svd_method="randomized", seed=7)
+    a = truncated_svd(W, 8, svd_method=svd_method, seed=7)
     assert torch.equal(torch.get_rng_state(), state)
-    b = truncated_svd(W, 8, svd_method="randomized", seed=7)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    b = truncated_svd(W, 8, svd_method=svd_method, seed=7)
+    c = truncated_svd(W, 8, svd_method=svd_method, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
 
 
 def test_awsvd_lowers_activation_weighted_error_with_outlier_channels():
