@@ -11,8 +11,8 @@ randomized SVD init time / accuracy for LLaMA-3-8B-shaped matrices.
     alpha in {0.25, 0.5, 1.0}, ranks 16 / 64 / 128.
 (b) Wall time and accuracy of `nora.init.truncated_svd` ('full' = torch.linalg.svd vs 'randomized' =
     torch.svd_lowrank with oversample 16 and niter 2/4/8, plus a (niter, oversample) grid of 'randomized' and
-    'randomized_bf16', the same subspace iteration with bfloat16 products, interleaved) at r = 64 on random matrices with the shapes of LLaMA-3 8B
-    and a power-law spectrum fitted to real weights, one matrix at a time; then on SmolLM2's real weights; then an
+    'randomized_bf16', the same subspace iteration with bfloat16 products, interleaved) at r = 64 on random
+    matrices with the shapes of LLaMA-3 8B and a power-law spectrum fitted to real weights, one matrix at a time; then on SmolLM2's real weights; then an
     extrapolation to the whole 8B model (32 layers x 7 matrices).
 Results of (b) are cached per (shape, method, seed) under results/cache/svd_time/ (a full SVD of a 14336 x 4096 matrix
 takes minutes here), so an interrupted run resumes.
