@@ -208,6 +208,18 @@ def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+def adapter_params(kind: str, m: int, n: int, r: int, r_inner: int = 0) -> int:
+    """Closed-form trainable parameters one adapter adds to one m x n linear layer (peft's and nora's layouts)."""
+    return {
+        "nora": 2 * r * r_inner,  # B' (r x r') and A' (r' x r)
+        "loraxs": r * r,  # the single r x r matrix
+        "lora": r * (m + n),
+        "pissa": r * (m + n),
+        "dora": r * (m + n) + m,  # + the magnitude vector
+        "vera": r + m,  # lambda_d (r) and lambda_b (m); the random projections are frozen and shared
+    }[kind]
+
+
 SMOLLM2 = "smollm2-135m"
 
 

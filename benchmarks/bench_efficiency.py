@@ -260,24 +260,47 @@ class _suppress:
 
 
 # ======================================================================================================= FLOPs
-def smollm2_dims() -> dict:
-    import json as _json
-
-    cfg = _json.loads((_common.smollm2_dir() / "config.json").read_text())
+def model_dims(cfg: dict) -> dict:
+    """The dimensions the FLOP and parameter formulas need, from a Llama-style HF config dict."""
     return {
         "layers": cfg["num_hidden_layers"],
         "heads": cfg["num_attention_heads"],
         "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
         "hidden": cfg["hidden_size"],
         "vocab": cfg["vocab_size"],
+        "tied": cfg.get("tie_word_embeddings", True),
         "shapes": _common.projection_shapes(cfg),
     }
 
 
-def flops(method: str, batch: int, seq: int, trainable: int = 0) -> dict:
+def smollm2_dims() -> dict:
+    return model_dims(json.loads((_common.smollm2_dir() / "config.json").read_text()))
+
+
+def method_kind(method: str) -> tuple[str, int, int]:
+    """'lora_16' -> ('lora', 16, 0); 'nora_64_32' -> ('nora', 64, 32); 'loraxs_64' -> ('loraxs', 64, 0)."""
+    kind, *ranks = method.split("_")
+    ranks = [int(x) for x in ranks] + [0, 0]
+    return kind, ranks[0], ranks[1]
+
+
+def analytic_trainable(method: str, d: dict) -> int:
+    """Closed-form trainable parameters of a benchmark method on all 7 projections of a model with dimensions d."""
+    if method == "floor":
+        return 0
+    if method == "full_ft":  # projections + embedding (+ untied head) + 2 RMSNorms per layer + the final norm
+        p_lin = d["layers"] * sum(m * n for m, n in d["shapes"].values())
+        embed = d["vocab"] * d["hidden"] * (1 if d["tied"] else 2)
+        return p_lin + embed + (2 * d["layers"] + 1) * d["hidden"]
+    kind, r, r_inner = method_kind(method)
+    per_layer = sum(_common.adapter_params(kind, m, n, r, r_inner) for m, n in d["shapes"].values())
+    return d["layers"] * per_layer
+
+
+def flops(method: str, batch: int, seq: int, trainable: int = 0, dims: dict | None = None) -> dict:
     """Analytic FLOPs of one training step (matmuls at 2 FLOPs per multiply-add; elementwise work ignored except
-    AdamW). See RESULTS.md for the formulas."""
-    d = smollm2_dims()
+    AdamW) on SmolLM2-135M, or on the model of `dims` (see `model_dims`). See RESULTS.md for the formulas."""
+    d = dims or smollm2_dims()
     T, L = batch * seq, d["layers"]
     p_lin = L * sum(m * n for m, n in d["shapes"].values()) + d["vocab"] * d["hidden"]  # + lm_head
     fwd_lin = 2 * T * p_lin

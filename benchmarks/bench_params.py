@@ -220,13 +220,7 @@ def analytic(model_name: str, kind: str, r: int, r_inner: int, targets) -> int:
     per_layer = 0
     for t in targets:
         m, n = shapes[t]
-        per_layer += {
-            "nora": 2 * r * r_inner,
-            "loraxs": r * r,
-            "lora": r * (m + n),
-            "dora": r * (m + n) + m,
-            "vera": r + m,
-        }[kind]
+        per_layer += _common.adapter_params(kind, m, n, r, r_inner)
     return per_layer * layers
 
 
