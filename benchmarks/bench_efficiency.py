@@ -542,6 +542,51 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+# ======================================================================================================= FLOP bound
+FLOP_BOUND_MODELS = ("smollm2-135m", "llama1-7b", "llama3-8b", "mistral-7b", "gemma-7b")
+
+
+def flop_bound(models, batch: int, seq: int) -> list[dict]:
+    """Analytic step FLOPs of every method relative to the frozen floor and to LoRA r=64, per model: the best
+    step-time ratio a method can reach if every method ran at the same FLOP rate (no weights needed)."""
+    import bench_params
+
+    rows = []
+    for name in models:
+        d = smollm2_dims() if name == _common.SMOLLM2 else model_dims(bench_params.MODELS[name])
+        total = {m: flops(m, batch, seq, analytic_trainable(m, d), dims=d)["total"] for m in METHODS}
+        for m in METHODS:
+            rows.append(
+                {
+                    "model": name,
+                    "method": m,
+                    "label": METHODS[m],
+                    "trainable": analytic_trainable(m, d),
+                    "gflops": total[m] / 1e9,
+                    "vs_floor": total[m] / total["floor"],
+                    "vs_lora64": total[m] / total["lora_64"],
+                }
+            )
+    return rows
+
+
+def render_flop_bound(rows: list[dict]) -> str:
+    table = [
+        [
+            r["model"],
+            r["label"],
+            f"{r['trainable']:,}",
+            f"{r['gflops']:,.1f}",
+            f"{r['vs_floor']:.3f}",
+            f"{r['vs_lora64']:.3f}",
+        ]
+        for r in rows
+    ]
+    return _common.markdown_table(
+        ["model", "method", "trainable", "GFLOP/step", "FLOPs / floor", "FLOPs / LoRA r=64"], table
+    )
+
+
 # ======================================================================================================= layer micro
 def layer_micro(args) -> dict:
     """Layer-level profile: one SmolLM2 decoder layer's 7 projections (frozen / NoRA 64/32 / LoRA r=32 / r=64), input
@@ -677,10 +722,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layer-micro", action="store_true", help="layer-level profile only (results/efficiency_layer.json)"
     )
+    parser.add_argument(
+        "--flop-bound",
+        nargs="+",
+        choices=FLOP_BOUND_MODELS,
+        metavar="MODEL",
+        help="analytic FLOP ratios only (no weights, no timing) for these models, e.g. 'smollm2-135m llama3-8b' "
+        "(results/efficiency_flop_bound.json); choices: " + ", ".join(FLOP_BOUND_MODELS),
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.seed, args.batch, args.seq, args.warmup, args.threads)
+        return 0
+    if args.flop_bound:
+        rows = flop_bound(args.flop_bound, args.batch, args.seq)
+        text = render_flop_bound(rows)
+        print(text)
+        payload = _common.result_payload(
+            BENCH + "_flop_bound", rows, markdown=text, batch=args.batch, seq=args.seq, models=args.flop_bound
+        )
+        print(f"wrote {_common.write_json(_common.RESULTS_DIR / f'{BENCH}_flop_bound.json', payload)}")
         return 0
     import torch
 

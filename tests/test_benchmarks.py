@@ -1,8 +1,9 @@
-"""Smoke test of benchmarks/bench_params.py: exact trainable-parameter counts on a meta-device LLaMA-3 8B (no weights)."""
+"""Tests of the benchmark scripts' own logic: exact counts, analytic FLOPs, report generation (no model weights)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -185,3 +186,47 @@ def test_svd_grid_extrapolates_per_method_and_pairs_bf16_with_float32(bench_svd)
     speed = bench_svd.speedups(grid)
     assert len(speed) == len(bench_svd.LLAMA3_8B_SHAPES)
     assert all(s["speedup"] == pytest.approx(4.0) and s["resid_diff_pct_points"] == pytest.approx(0.01) for s in speed)
+
+
+# ------------------------------------------------------------------------------------------------ bench_efficiency
+@pytest.fixture(scope="module")
+def bench_efficiency():
+    yield from _load_bench("bench_efficiency")
+
+
+# SmolLM2-135M-Instruct's config.json (the shapes only), so the test needs no model files
+SMOLLM2_CONFIG = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+
+
+def test_analytic_trainable_and_flops_match_the_measured_efficiency_run(bench_efficiency):
+    """The closed-form counts reproduce what peft/nora reported in the committed run, method by method."""
+    B = bench_efficiency
+    measured = json.loads((BENCH / "results" / "efficiency_epyc.json").read_text())["rows"]
+    dims = B.model_dims(SMOLLM2_CONFIG)
+    assert {r["method"] for r in measured} == set(B.METHODS)
+    for row in measured:
+        assert B.analytic_trainable(row["method"], dims) == row["trainable"], row["method"]
+        fl = B.flops(row["method"], 4, 128, row["trainable"], dims=dims)["total"]
+        assert fl / 1e9 == pytest.approx(row["gflops"], rel=1e-12)
+
+
+def test_flop_bound_on_llama3_8b(bench_efficiency):
+    B = bench_efficiency
+    rows = {r["method"]: r for r in B.flop_bound(["llama3-8b"], 4, 128)}
+    assert rows["full_ft"]["trainable"] == 8_030_261_248  # Meta-Llama-3-8B's published parameter count
+    assert rows["lora_64"]["trainable"] == 167_772_160  # = bench_params' peft count (LoRA r=64, 7 targets)
+    assert rows["nora_64_32"]["trainable"] == 917_504
+    assert rows["floor"]["vs_floor"] == 1.0 and rows["lora_64"]["vs_lora64"] == 1.0
+    # wide layers: every adapter is within a few % of the floor, so NoRA cannot be 0.75x LoRA r=64 by arithmetic
+    assert rows["floor"]["vs_lora64"] < rows["nora_64_32"]["vs_lora64"] < 1.0
+    assert rows["nora_64_32"]["vs_lora64"] > 0.95
+    out = B.render_flop_bound(list(rows.values()))
+    assert out.count("\n") == len(B.METHODS) + 1 and "| llama3-8b | NoRA r=64/32 | 917,504 |" in out
