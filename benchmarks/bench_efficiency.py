@@ -542,6 +542,66 @@ def verdict(rows: list[dict]) -> list[str]:
     return out
 
 
+# ======================================================================================================= plot
+def plot(path: Path) -> Path:
+    """results/efficiency.png from every committed results/efficiency*.json run (one colour per run/host): step time
+    and train peak RSS relative to the frozen floor, the analytic FLOP ratio, and each run's '0.75 x LoRA r=64' level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for f in sorted(_common.RESULTS_DIR.glob(f"{BENCH}*.json")):
+        payload = _common.read_json(f)
+        if payload.get("benchmark", "").startswith(BENCH) and "params" in payload and "run_ids" in payload:
+            runs.append((f"{payload['machine']['cpu']} ({payload['machine']['date'][:10]})", payload["rows"]))
+    if not runs:
+        raise SystemExit(f"no {BENCH}*.json step-time results in {_common.RESULTS_DIR}: run the benchmark first")
+    methods = [m for m in METHODS if all(any(r["method"] == m for r in rows) for _, rows in runs)]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(15, 4.8))
+    width = 0.8 / len(runs)
+    x = range(len(methods))
+    for i, (name, rows) in enumerate(runs):
+        by = {r["method"]: r for r in rows}
+        pos = [j + (i - (len(runs) - 1) / 2) * width for j in x]
+        bars = ax_t.bar(pos, [by[m]["vs_floor"] for m in methods], width, label=f"measured, {name}")
+        level = 0.75 * by["lora_64"]["vs_floor"]
+        ax_t.axhline(level, color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+        ax_t.annotate(
+            f"0.75 x LoRA r=64 ({name.split(' (')[0]})",
+            (len(methods) - 0.5, level),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+        )
+        ax_m.bar(pos, [by[m]["train_peak_mb"] for m in methods], width, label=name)
+    flop = {r["method"]: r["flop_ratio"] for r in runs[-1][1]}
+    ax_t.scatter(
+        list(x), [flop[m] for m in methods], marker="_", s=400, color="black", zorder=3, label="analytic FLOPs / floor"
+    )
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(
+            [METHODS[m].replace(" (no adapter, input grads)", "") for m in methods],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
+        ax.grid(axis="y", alpha=0.3)
+    ax_t.set_ylim(0.9, None)
+    ax_t.set_ylabel("step time / frozen floor (median)")
+    ax_t.set_title("SmolLM2-135M training step (fp32, 1 thread, batch 4 x 128)")
+    ax_t.legend(fontsize=8, loc="upper left")
+    ax_m.set_ylabel("train peak RSS (MB)")
+    ax_m.set_title("peak memory per method (one process each)")
+    ax_m.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ======================================================================================================= FLOP bound
 FLOP_BOUND_MODELS = ("smollm2-135m", "llama1-7b", "llama3-8b", "mistral-7b", "gemma-7b")
 
@@ -730,10 +790,16 @@ def main(argv: list[str] | None = None) -> int:
         help="analytic FLOP ratios only (no weights, no timing) for these models, e.g. 'smollm2-135m llama3-8b' "
         "(results/efficiency_flop_bound.json); choices: " + ", ".join(FLOP_BOUND_MODELS),
     )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw results/efficiency.png from the committed JSON results"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.seed, args.batch, args.seq, args.warmup, args.threads)
+        return 0
+    if args.plot_only:
+        print(f"wrote {plot(_common.RESULTS_DIR / f'{BENCH}.png')}")
         return 0
     if args.flop_bound:
         rows = flop_bound(args.flop_bound, args.batch, args.seq)
@@ -798,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = _common.result_payload(bench, rows, params=params, verdict=lines, markdown=text, run_ids=sorted(run_ids))
     out = _common.write_json(_common.RESULTS_DIR / f"{bench}.json", payload)
     print(f"wrote {out}")
+    print(f"wrote {plot(_common.RESULTS_DIR / f'{BENCH}.png')}")
     return 0
 
 

@@ -230,3 +230,17 @@ def test_flop_bound_on_llama3_8b(bench_efficiency):
     assert rows["nora_64_32"]["vs_lora64"] > 0.95
     out = B.render_flop_bound(list(rows.values()))
     assert out.count("\n") == len(B.METHODS) + 1 and "| llama3-8b | NoRA r=64/32 | 917,504 |" in out
+
+
+def test_efficiency_plot_from_committed_runs(bench_efficiency, tmp_path, monkeypatch):
+    out = bench_efficiency.plot(tmp_path / "eff.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    monkeypatch.setattr(bench_efficiency._common, "RESULTS_DIR", tmp_path)  # no results there: one clear error
+    with pytest.raises(SystemExit, match="run the benchmark first"):
+        bench_efficiency.plot(tmp_path / "none.png")
+
+
+def test_svd_time_plot_from_committed_json(bench_svd, tmp_path):
+    payload = json.loads((BENCH / "results" / "svd_time.json").read_text())
+    out = bench_svd.plot_time(payload, tmp_path / "t.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
