@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
+import bench_params  # the published 7-8B configs (shapes only)
 
 BENCH = "efficiency"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -603,25 +604,24 @@ def plot(path: Path) -> Path:
 
 
 # ======================================================================================================= FLOP bound
-FLOP_BOUND_MODELS = ("smollm2-135m", "llama1-7b", "llama3-8b", "mistral-7b", "gemma-7b")
+FLOP_BOUND_MODELS = (_common.SMOLLM2, *bench_params.MODELS)
 
 
 def flop_bound(models, batch: int, seq: int) -> list[dict]:
     """Analytic step FLOPs of every method relative to the frozen floor and to LoRA r=64, per model: the best
     step-time ratio a method can reach if every method ran at the same FLOP rate (no weights needed)."""
-    import bench_params
-
     rows = []
     for name in models:
         d = smollm2_dims() if name == _common.SMOLLM2 else model_dims(bench_params.MODELS[name])
-        total = {m: flops(m, batch, seq, analytic_trainable(m, d), dims=d)["total"] for m in METHODS}
+        trainable = {m: analytic_trainable(m, d) for m in METHODS}
+        total = {m: flops(m, batch, seq, trainable[m], dims=d)["total"] for m in METHODS}
         for m in METHODS:
             rows.append(
                 {
                     "model": name,
                     "method": m,
                     "label": METHODS[m],
-                    "trainable": analytic_trainable(m, d),
+                    "trainable": trainable[m],
                     "gflops": total[m] / 1e9,
                     "vs_floor": total[m] / total["floor"],
                     "vs_lora64": total[m] / total["lora_64"],
