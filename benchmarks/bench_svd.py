@@ -628,7 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.plot_only:
-        payload = _common.read_json(_common.RESULTS_DIR / "svd_time.json")
+        source = _common.RESULTS_DIR / "svd_time.json"
+        if not source.exists():
+            raise SystemExit(f"{source} not found: run `python benchmarks/bench_svd.py --part time` first")
+        payload = _common.read_json(source)
         print(f"wrote {plot_time(payload, _common.RESULTS_DIR / 'svd_time.png')}")
         return 0
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -260,3 +261,10 @@ def test_svd_time_plot_from_committed_json(bench_svd, tmp_path):
     payload = json.loads((BENCH / "results" / "svd_time.json").read_text())
     out = bench_svd.plot_time(payload, tmp_path / "t.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_svd_plot_only_without_results_names_the_fix(bench_svd, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_svd._common, "RESULTS_DIR", tmp_path)
+    with pytest.raises(SystemExit, match=re.escape("run `python benchmarks/bench_svd.py --part time` first")):
+        bench_svd.main(["--plot-only"])
+    assert list(tmp_path.iterdir()) == []  # nothing written
