@@ -64,15 +64,15 @@ def assert_same_adapter(a: Path, b: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=atol, msg=key)
 
 
-def build_tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
-    """A randomly initialised Llama (hidden 32) matching the tokenizer's vocabulary."""
+def build_tiny_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A randomly initialised Llama (hidden 32 unless told) matching the tokenizer's vocabulary."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

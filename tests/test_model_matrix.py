@@ -336,6 +336,59 @@ def test_trainer_runs_two_steps(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in outer_before.items())
 
 
+def test_trl_sft_trainer_with_nora_peft_config(tiny_tokenizer, tmp_path):
+    """TRL's SFTTrainer(peft_config=NoraConfig(...)) wraps, trains (inner factors only) and saves a reloadable adapter."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import build_tiny_llama
+    from nora import NoraConfig
+    from nora.layer import NoraLayer
+
+    conversation = [{"role": "user", "content": "is the sky blue?"}, {"role": "assistant", "content": "true"}]
+    args = SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_length=64,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=build_tiny_llama(tiny_tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": conversation}] * 4),
+        processing_class=tiny_tokenizer,
+        peft_config=NoraConfig(r=R, r_inner=R_INNER, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    model = trainer.model
+    assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type == "NORA"
+    assert sum(isinstance(m, NoraLayer) for m in model.modules()) == 2 * 7  # 2 layers x q k v o gate up down
+    outer_before = {k: v.clone() for k, v in model.state_dict().items() if ".nora_A." in k or ".nora_B." in k}
+    inner_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert inner_before and all(".nora_inner_" in n for n in inner_before)
+
+    assert trainer.train().global_step == 2
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in inner_before.items())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in outer_before.items())
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "NORA"
+    ids = tiny_tokenizer("is the sky blue?", return_tensors="pt").input_ids
+    model.eval()
+    reloaded = PeftModel.from_pretrained(build_tiny_llama(tiny_tokenizer), tmp_path / "adapter").eval()
+    # SFTConfig defaults to bf16=True: accelerate wraps the trained model's forward in a CPU bf16 autocast, so the
+    # reloaded adapter is compared under the same autocast (whose logits that wrapper casts back to fp32)
+    assert args.bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(reloaded(ids).logits.float(), model(ids).logits, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_base(family, dtype, tmp_path):

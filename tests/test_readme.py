@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_api_block() -> str:
+def readme_block(marker: str) -> str:
+    """The one ```python block of the README that contains `marker`."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    (block,) = [b for b in blocks if "get_peft_model" in b]
+    (block,) = [b for b in blocks if marker in b]
     return block
+
+
+def readme_api_block() -> str:
+    return readme_block("get_peft_model")
 
 
 def test_readme_python_api_block_runs(tmp_path, monkeypatch):
@@ -47,3 +53,29 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch):
     lora = load_file(tmp_path / "out-lora" / "adapter_model.safetensors")
     ranks = {t.shape[0] for k, t in lora.items() if k.endswith("lora_A.weight")}
     assert ranks == {32} and len(lora) == 2 * 7  # q,k,v,o,gate,up,down of the one layer ("all-linear" skips lm_head)
+
+
+def test_readme_trl_block_runs(tiny_tokenizer, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_llama
+
+    conversation = [{"role": "user", "content": "is the sky blue?"}, {"role": "assistant", "content": "true"}]
+    model_dir = tmp_path / "base"  # the block passes no processing_class: SFTTrainer loads the model dir's tokenizer
+    build_tiny_llama(tiny_tokenizer, layers=1, hidden=128).save_pretrained(model_dir)  # wide enough for r=64
+    tiny_tokenizer.save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    namespace = {
+        "base": AutoModelForCausalLM.from_pretrained(model_dir),
+        "dataset": Dataset.from_list([{"messages": conversation}] * 4),
+    }
+    exec(compile(readme_block("SFTTrainer"), str(README), "exec"), namespace)
+
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "NORA"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out")
+    trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any(".nora_inner_B" in k and v.abs().sum() > 0 for k, v in trained.items())  # zeros-init B' moved
+    reloaded_state = get_peft_model_state_dict(reloaded)
+    assert reloaded_state.keys() == trained.keys() and len(trained) == 4 * 7  # B, A, B', A' x 7 targets
+    assert all(torch.equal(reloaded_state[k], v) for k, v in trained.items())
