@@ -86,6 +86,22 @@ def test_gradients_reach_only_inner_factors():
     assert {"nora_B.default", "nora_A.default"} <= buffer_names
 
 
+def test_layer_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of a NoRA layer: same output and same inner-factor gradients as eager."""
+    _model, layer = lin_model(structure="nested")
+    x = torch.randn(3, 4, 10)
+    eager = layer(x)
+    eager.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True)(x)  # raises on a graph break
+    compiled.pow(2).sum().backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    assert grads.keys() == {"nora_inner_B.default", "nora_inner_A.default"}
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(layer.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-5)
+
+
 def test_dropout_acts_on_the_adapter_input_only():
     model, layer = lin_model(nora_dropout=0.5)
     assert isinstance(layer.nora_dropout["default"], nn.Dropout)
