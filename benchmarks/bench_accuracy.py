@@ -668,7 +668,12 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
     empty = [TASK_LABEL[t] for t in tasks if t not in ran]
     for t in [t for t in tasks if t in ran]:
         for m in METHODS:
-            for lr in ENCODER_LRS[m]:
+            # the design's grid plus any lr that ran off it (an lr sweep around a transferred lr): the main table
+            # selects from every cell, so every cell is listed
+            ran_lrs = {
+                c["lr"] for c in cells.values() if c["part"] == "encoder" and c["task"] == t and c["variant"] == m
+            }
+            for lr in sorted(set(ENCODER_LRS[m]) | ran_lrs):
                 cell = cells.get(Unit("encoder", t, m, lr, 0).key)
                 if cell is None:
                     rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), "not run yet", "not run yet", "-"])

