@@ -666,27 +666,22 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
     rows = []
     ran = {c["task"] for c in cells.values() if c["part"] == "encoder"}
     empty = [TASK_LABEL[t] for t in tasks if t not in ran]
+    # every method's design grid plus any lr that ran off it (an lr sweep around a transferred lr), and the library
+    # default's own sweep (no grid: the lrs it ran); the main table selects from every cell, so every cell is listed
+    sweeps = [(m, METHOD_LABEL[m], ENCODER_LRS[m]) for m in METHODS] + [(NORA_DEFAULT_VARIANT, NORA_DEFAULT_LABEL, ())]
     for t in [t for t in tasks if t in ran]:
-        for m in METHODS:
-            # the design's grid plus any lr that ran off it (an lr sweep around a transferred lr): the main table
-            # selects from every cell, so every cell is listed
+        for m, label, grid in sweeps:
             ran_lrs = {
                 c["lr"] for c in cells.values() if c["part"] == "encoder" and c["task"] == t and c["variant"] == m
             }
-            for lr in sorted(set(ENCODER_LRS[m]) | ran_lrs):
+            for lr in sorted(set(grid) | ran_lrs):
                 cell = cells.get(Unit("encoder", t, m, lr, 0).key)
                 if cell is None:
-                    rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), "not run yet", "not run yet", "-"])
+                    rows.append([TASK_LABEL[t], label, _lr(lr), "not run yet", "not run yet", "-"])
                     continue
-                rows.append([TASK_LABEL[t], METHOD_LABEL[m], _lr(lr), fmt_stat(cell["stats"]["val"]),
+                rows.append([TASK_LABEL[t], label, _lr(lr), fmt_stat(cell["stats"]["val"]),
                              fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
                              if cell["train_seconds_mean"] else "-"])  # fmt: skip
-        # the library default's own sweep (the cells the main table selects from), at every lr it ran
-        default = [c for c in cells.values() if c["part"] == "encoder" and c["task"] == t]
-        for cell in sorted((c for c in default if c["variant"] == NORA_DEFAULT_VARIANT), key=lambda c: c["lr"]):
-            rows.append([TASK_LABEL[t], NORA_DEFAULT_LABEL, _lr(cell["lr"]), fmt_stat(cell["stats"]["val"]),
-                         fmt_stat(cell["stats"]["test"]), f"{cell['train_seconds_mean']:.0f}"
-                         if cell["train_seconds_mean"] else "-"])  # fmt: skip
     note = f"\n\n({', '.join(empty)}: not run yet at any lr.)" if empty else ""
     return main + "\n\nAll learning rates (mean ± std over seeds):\n\n" + C.markdown_table(headers, rows) + note
 
