@@ -118,6 +118,7 @@ def test_cloze_view_is_none_for_label_word_tasks_and_incomplete_listings():
     assert cloze_view(Example(missing, answer="answer1", options=["answer1", "answer2", "answer3"])) is None
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
 def test_cloze_scores_are_length_normalised_option_loglikelihoods(tiny_llama_dir):
     """The cloze protocol's per-option numbers equal sum log p(option text | question prompt) / len(text), computed
     here directly with one forward pass per option, and its prediction is their argmax."""
@@ -147,17 +148,28 @@ def test_cloze_scores_are_length_normalised_option_loglikelihoods(tiny_llama_dir
                                 "accuracy": float(record["pred_cloze"] == "answer2")}  # fmt: skip
 
 
-def test_option_logprobs_with_a_shared_prompt_cache_equal_one_forward_per_option(tiny_llama_dir):
+# the cache is passed under the keyword the installed transformers takes (`past_key_values` is deprecated in 5.24+)
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft-nora"])
+def test_option_logprobs_with_a_shared_prompt_cache_equal_one_forward_per_option(tiny_llama_dir, wrapped):
     """Several-token options are scored against one cached encoding of their prompt. Across batches mixing prompt
     lengths (left padding), option counts and option lengths (right padding), every score equals the summed
-    log-probability from a separate full forward pass over prompt + option, and lands at its own option."""
+    log-probability from a separate full forward pass over prompt + option, and lands at its own option; also
+    through a PeftModel (whose forward takes **kwargs) carrying a non-identity NoRA adapter."""
     import torch
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nora import NoraConfig
     from nora.harness.prompts import PromptBuilder
     from nora.harness.scoring import option_logprobs
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    if wrapped:
+        model = get_peft_model(
+            model, NoraConfig(r=4, r_inner=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+        )
+    model = model.eval()
     builder = PromptBuilder(AutoTokenizer.from_pretrained(tiny_llama_dir))
     options = [["oxygen", "carbon dioxide gas", "he"], ["a b c d e f", "g"], ["x y", "z w v", "u", "t s r q"]]
     questions = ["Which gas do plants take in?", "Pick one.", "A much longer question about letters " * 3]

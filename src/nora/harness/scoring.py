@@ -11,6 +11,7 @@ GSM8K-style examples use generation and compare the final number (`extract_numbe
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -160,6 +161,18 @@ def _last_logprobs(model, seqs: Sequence[Sequence[int]], pad_id: int, device) ->
     return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
 
+def _cache_keyword(model) -> str:
+    """The keyword the model's forward takes a key/value cache under: `cache` in transformers >= 5.24 (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def _score_with_shared_prompt(model, idx, contexts, continuations, pad_id: int, device) -> list[list[float]]:
     """Summed log-probabilities of every continuation of the examples `idx`: one cached forward pass over the
     (left-padded) contexts, then one over all (right-padded) continuations attending to their context's cache."""
@@ -175,7 +188,7 @@ def _score_with_shared_prompt(model, idx, contexts, continuations, pad_id: int, 
         ids[k, : len(cont)] = torch.tensor(cont, dtype=torch.long)
         mask[k, : len(cont)] = 1
     owner = torch.tensor([r for r, _ in rows], device=device)
-    cache = out.past_key_values
+    cache = _returned_cache(out)
     cache.reorder_cache(owner)  # one copy of the context's keys/values per continuation
     full_mask = torch.cat([prompt["attention_mask"][owner], mask.to(device)], dim=1)
     prompt_len = prompt["attention_mask"].sum(-1)[owner]
@@ -186,8 +199,8 @@ def _score_with_shared_prompt(model, idx, contexts, continuations, pad_id: int, 
             input_ids=ids[:, :-1].to(device),
             attention_mask=full_mask[:, :-1],
             position_ids=positions[:, :-1],
-            past_key_values=cache,
             use_cache=False,
+            **{_cache_keyword(model): cache},
         ).logits.float()
         picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
         rest = (picked * mask[:, 1:].to(device)).sum(-1, keepdim=True)
