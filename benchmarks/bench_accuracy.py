@@ -885,9 +885,10 @@ def plot(cells: dict[str, Any], path: Path) -> None:
     colors[default] = colors["nora"]
     labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe", default: NORA_DEFAULT_LABEL}
     for ax, (part, task) in zip(axes, panels):
-        ax.set_xscale("log")
         if not any(c["part"] == part and c["task"] == task for c in cells.values()):
             ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.set_xscale("log")  # (an empty log axis has singular limits)
         ax.set_title(f"MiniLM-L6: {TASK_LABEL[task]}" if part == "encoder" else "SmolLM2-135M: commonsense avg")
         for m, label in labels.items():
             if part == "encoder":
@@ -904,6 +905,9 @@ def plot(cells: dict[str, Any], path: Path) -> None:
                 continue
             ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="*" if m == default else "o",
                         markersize=10 if m == default else 6, capsize=3, color=colors[m], label=label)  # fmt: skip
+        lo, hi = ax.get_xlim()
+        if ax.get_xscale() == "log" and hi < 1.5 * lo:  # one parameter count only: widen its singular log range
+            ax.set_xlim(lo / 3, hi * 3)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy (test)")
         ax.grid(alpha=0.3, which="both")

@@ -64,6 +64,7 @@ def _fake_record(B, unit, accs, params=1000):
             "result": {"accuracy": acc, "trainable_params": params, "train_seconds": 1.0}}  # fmt: skip
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a degenerate (one-point) log axis once warned in plot()
 def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     """Report assembly (mean +- std, n, lr selection on validation, 'not run yet', verdicts) without any training."""
     B = bench_accuracy
