@@ -395,20 +395,22 @@ sys.exit(nora.cli.main(argv))
 def _run_and_sigkill(step: int, method: str, argv: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-c", _HANG_AT, str(step), method, *argv]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    guard = threading.Timer(300, proc.kill)  # a safety net for a hung child, not an assertion
-    guard.start()
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("READY"):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-        proc.wait()
-    finally:
-        guard.cancel()
-    assert proc.returncode == -signal.SIGKILL, "".join(lines) + proc.stderr.read()[-3000:]
+    # stderr joins stdout: one pipe drained line by line (a separate unread stderr pipe could fill up and block the
+    # child), closed by the with-block
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        guard = threading.Timer(300, proc.kill)  # a safety net for a hung child, not an assertion
+        guard.start()
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("READY"):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            proc.wait()
+        finally:
+            guard.cancel()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
 
 
 @pytest.mark.parametrize(
