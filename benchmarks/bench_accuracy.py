@@ -882,10 +882,9 @@ def plot(cells: dict[str, Any], path: Path) -> None:
     colors[default] = colors["nora"]
     labels = {m: METHOD_LABEL[m] for m in METHODS} | {"zero-shot": "linear probe", default: NORA_DEFAULT_LABEL}
     for ax, (part, task) in zip(axes, panels):
+        ax.set_xscale("log")
         if not any(c["part"] == part and c["task"] == task for c in cells.values()):
             ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.set_xscale("log")  # (an empty log axis has singular limits)
         ax.set_title(f"MiniLM-L6: {TASK_LABEL[task]}" if part == "encoder" else "SmolLM2-135M: commonsense avg")
         for m, label in labels.items():
             if part == "encoder":
