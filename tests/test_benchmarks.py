@@ -125,6 +125,13 @@ def test_accuracy_report_on_fake_cache(bench_accuracy, tmp_path):
     assert "encoder (ARC-E): not measured yet" in std_row
     B.plot(cells, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gsm_claim = "NoRA (library default, inner std 0.1) >= LoRA accuracy (decoder, GSM8K)"
+    assert dict(B.verdicts(cells, lr))[gsm_claim] == "not measured yet"  # no LoRA GSM8K cell yet
+    lora_gsm = [_fake_record(B, U("gsm8k", "gsm8k", "lora", 1e-3, 0), (0.10,)),
+                _fake_record(B, U("gsm8k", "gsm8k", "lora", 3e-4, 0), (0.02,))]  # fmt: skip
+    gsm_row = dict(B.verdicts(B.aggregate([*recs, *lora_gsm]), lr))[gsm_claim]
+    assert gsm_row == (f"within noise for NoRA > LoRA (best lr of each, selected on test: NoRA @ {lr:g} vs "
+                       "LoRA @ 0.001; diff +2.5 pts, n=1)")  # fmt: skip
     verdict = dict(B.verdicts(cells, lr))["AwSVD > SVD > random outer init (001 Table 4)"]
     assert verdict.startswith("decoder: not measured yet")  # awsvd missing
     assert B.chain_verdict(cells, ["nora", "nora-outer=random"], lr, 800).startswith("holds (n=2")
