@@ -819,13 +819,16 @@ def claim_chains() -> list[tuple[str, list[str]]]:
     ]  # fmt: skip
 
 
+def best_test_cell(cells: dict[str, Any], part: str, variant: str, key: str) -> dict[str, Any] | None:
+    """The variant's cell (one lr) with the best mean of stats[key]: the decoder parts have no validation split, so
+    this selection is on test, optimistic for every method alike."""
+    cands = [c for c in cells.values() if c["part"] == part and c["variant"] == variant]
+    return max(cands, key=lambda c: c["stats"][key]["mean"]) if cands else None
+
+
 def best_lr_verdict(cells: dict[str, Any], nora: str, part: str, key: str, n_eval: int) -> str:
-    """NoRA variant vs LoRA, each at the lr with its best mean on the test metric (these parts have no validation
-    split, so the selection is optimistic for both sides alike)."""
-    best = {}
-    for m in (nora, "lora"):
-        cands = [c for c in cells.values() if c["part"] == part and c["variant"] == m]
-        best[m] = max(cands, key=lambda c: c["stats"][key]["mean"]) if cands else None
+    """NoRA variant vs LoRA, each at its best lr by best_test_cell."""
+    best = {m: best_test_cell(cells, part, m, key) for m in (nora, "lora")}
     if not (best[nora] and best["lora"]):
         return "not measured yet"
     word, diff = compare(best[nora]["stats"][key], best["lora"]["stats"][key], n_eval)
@@ -899,8 +902,7 @@ def plot(cells: dict[str, Any], path: Path) -> None:
                 sel = encoder_selection(cells, task, m)
                 stat = sel["stats"]["test"] if sel else None
             else:
-                cands = [c for c in cells.values() if c["part"] == "decoder" and c["variant"] == m]
-                sel = max(cands, key=lambda c: c["stats"]["avg"]["mean"]) if cands else None
+                sel = best_test_cell(cells, "decoder", m, "avg")
                 stat = sel["stats"]["avg"] if sel else None
             if not stat:
                 continue
@@ -910,7 +912,7 @@ def plot(cells: dict[str, Any], path: Path) -> None:
             ax.errorbar([max(sel["params"], 1)], [stat["mean"]], yerr=[stat["std"]], fmt="*" if m == default else "o",
                         markersize=10 if m == default else 6, capsize=3, color=colors[m], label=label)  # fmt: skip
         lo, hi = ax.get_xlim()
-        if ax.get_xscale() == "log" and hi < 1.5 * lo:  # one parameter count only: widen its singular log range
+        if hi < 1.5 * lo:  # one parameter count only: widen its singular log range
             ax.set_xlim(lo / 3, hi * 3)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy (test)")
