@@ -9,7 +9,34 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-PEFT_TYPE = "NORA"
+
+
+class NoraPeftType(str):
+    """NoRA's peft_type: the string "NORA" that also reads like a member of PEFT's `PeftType` enum.
+
+    PEFT's mappings accept plain string keys, but transformers' `load_adapter`, `peft.utils.hotswap` and parts of
+    PEFT's save path read `config.peft_type.value` (and `.name`). `PeftType` cannot gain members without patching
+    PEFT, so nora uses a `str` subclass: equal to and hashed like "NORA" (dict keys, JSON), with `.value`/`.name`.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"<PeftType.{self.name}: {self.value!r}>"
+
+    def __reduce__(self):
+        return (NoraPeftType, (str.__str__(self),))
+
+
+PEFT_TYPE = NoraPeftType("NORA")
 FORMAT_VERSION = 1
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")

@@ -248,10 +248,14 @@ class Linear(nn.Module, NoraLayer):
         for name in self.active_adapters:
             if name not in self.nora_inner_B:
                 continue
-            left, right = self._factors(name)  # (m, k), (k, n)
-            h = self._cast_input_dtype(self.nora_dropout[name](x), right.dtype)  # (.., n)
-            result = result + F.linear(F.linear(h, right), left).to(out_dtype)  # (.., k) -> (.., m)
+            result = result + self.adapter_delta(name, x).to(out_dtype)
         return result
+
+    def adapter_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter term s * B B' A' A dropout(x) of one adapter, in the inner factors' dtype."""
+        left, right = self._factors(adapter)  # (m, k), (k, n)
+        h = self._cast_input_dtype(self.nora_dropout[adapter](x), right.dtype)  # (.., n)
+        return F.linear(F.linear(h, right), left)  # (.., k) -> (.., m)
 
     def __repr__(self) -> str:
         return "nora." + super().__repr__()
