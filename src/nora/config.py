@@ -189,6 +189,14 @@ class NoraConfig(PeftConfig):
             "to load onto a different base model deliberately."
         },
     )
+    save_outer_factors: bool = field(
+        default=True,
+        metadata={
+            "help": "True: save_pretrained writes the frozen outer factors B, A (a full adapter file). False: a "
+            "compact file with the inner factors, AwSVD channel scales and a per-module verification record; the "
+            "outer factors are rebuilt from the base model on load and verified (see README 'Compact adapters')."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter format version of nora."})
 
     def __post_init__(self):
