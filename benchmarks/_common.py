@@ -60,10 +60,26 @@ def machine_facts() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host_load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    for pkg in ("transformers", "peft"):
+    for pkg in ("transformers", "peft", "tokenizers", "safetensors", "numpy", "nora"):
         with contextlib.suppress(Exception):
             facts[pkg] = importlib.import_module(pkg).__version__
+    facts.update(nora_revision())
     return facts
+
+
+def nora_revision() -> dict[str, Any]:
+    """The nora commit a result ran with, and the files under src/ that differed from it (the tree is shared, so a
+    run can see someone's uncommitted edit): recorded with every result."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()  # fmt: skip
+
+    with contextlib.suppress(Exception):
+        return {"nora_commit": git("rev-parse", "HEAD"),
+                "nora_src_modified": git("status", "--porcelain", "--", "src").splitlines()}  # fmt: skip
+    return {"nora_commit": None, "nora_src_modified": None}
 
 
 def command_line() -> str:
