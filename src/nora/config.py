@@ -40,14 +40,21 @@ PEFT_TYPE = NoraPeftType("NORA")
 FORMAT_VERSION = 1
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
-OUTER_INITS = ("svd", "awsvd", "random")
-INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma")
+BIASES = ("none", "all", "nora_only")
+ACTIVATION_MEMORY = ("auto", "low", "folded")
+OUTER_INITS = ("svd", "awsvd", "random", "grad")
+INNER_INITS = ("zeros", "gaussian", "uniform", "sqrt_sigma", "grad", "grad_step")
+#: inits computed by `nora.gradient_init` after get_peft_model (the layer holds zero placeholders until then)
+GRAD_INNER_INITS = ("grad", "grad_step")
+OUTER_SCALINGS = ("sigma", "orthonormal")
+GRAD_ESTIMATORS = ("projected", "sign")
 SVD_METHODS = ("auto", "full", "randomized", "randomized_bf16")
 #: svd_method="auto" runs the exact SVD on matrices with max(m, n) <= this, a randomized SVD on larger ones
 AUTO_FULL_MAX_DIM = 2048
 #: inner_init_std=None resolves per init: the random A' of "zeros" sets how fast B' moves away from 0; for
 #: "gaussian"/"uniform" both factors are random and their product is the adapter's update at init
-DEFAULT_INNER_INIT_STD = {"zeros": 0.1, "gaussian": 0.02, "uniform": 0.02, "sqrt_sigma": 0.02}
+DEFAULT_INNER_INIT_STD = {"zeros": 0.1, "gaussian": 0.02, "uniform": 0.02, "sqrt_sigma": 0.02, "grad": 0.1,
+                          "grad_step": 0.02}  # fmt: skip
 
 
 def _check_choice(field_name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -93,11 +100,21 @@ class NoraConfig(PeftConfig):
     structure: Literal["nested", "output", "parallel", "adapter"] = field(
         default="nested", metadata={"help": f"Where the trainable inner factors sit; one of {STRUCTURES}."}
     )
-    outer_init: Literal["svd", "awsvd", "random"] = field(
+    outer_init: Literal["svd", "awsvd", "random", "grad"] = field(
         default="svd",
         metadata={
             "help": "Frozen outer factors: 'svd' (B = U_r Sigma_r, A = V_r^T), 'awsvd' (activation-aware, needs "
-            "nora.calibrate first) or 'random' (ablation)."
+            "nora.calibrate first), 'random' (ablation) or 'grad' (LoRA-SB's basis: B = U_r, A = V_r^T of the "
+            "first-update estimate -grad_first_step_lr * sign(sum of gradients); filled by nora.gradient_init after "
+            "get_peft_model, which materialises each targeted layer's m x n gradient once)."
+        },
+    )
+    outer_scaling: Literal["sigma", "orthonormal"] = field(
+        default="sigma",
+        metadata={
+            "help": "Where Sigma goes: 'sigma' (B = U_r Sigma_r) or 'orthonormal' (B = U_r, A = V_r^T; for awsvd "
+            "A = V_r^T S^-1, the orthonormal factors of the scaled problem W S). With Adam, Sigma in B acts as a "
+            "per-direction step-size multiplier; orthonormal factors change the effective lr scale, so re-tune lr."
         },
     )
     awsvd_alpha: float = field(
@@ -129,13 +146,17 @@ class NoraConfig(PeftConfig):
         default=0,
         metadata={"help": "Seed for the randomized SVD and the random outer init (per module, so every rank agrees)."},
     )
-    inner_init: Literal["zeros", "gaussian", "uniform", "sqrt_sigma"] = field(
+    inner_init: Literal["zeros", "gaussian", "uniform", "sqrt_sigma", "grad", "grad_step"] = field(
         default="zeros",
         metadata={
             "help": "Inner init: 'zeros' (B' = 0, A' gaussian: exact identity at init), 'gaussian' (both "
-            "N(0, inner_init_std^2)), 'uniform' (both uniform with the same variance) or 'sqrt_sigma' (seed 000: "
-            "square roots of the top singular values on the diagonals; ablation only: with B = U Sigma it "
-            "starts at dW = U Sigma^2 V^T, far from the base model)."
+            "N(0, inner_init_std^2)), 'uniform' (both uniform with the same variance), 'sqrt_sigma' (seed 000: "
+            "square roots of the top singular values on the diagonals; with outer_scaling='orthonormal' that is seed "
+            "000's parametrisation and starts at dW = W_r' (top r' singular values doubled); with B = U Sigma it "
+            "starts at dW = U Sigma^2 V^T, far from the base model), 'grad' (B' = 0, A' spans the top-r' right "
+            "singular directions of the projected task gradient: exact identity) or 'grad_step' (B' A' = the "
+            "truncated first-update estimate, LoRA-One style: NOT an identity, the model starts one truncated "
+            "warmup step ahead, as LoRA-SB does). 'grad'/'grad_step' need nora.gradient_init after get_peft_model."
         },
     )
     inner_init_std: float | None = field(
@@ -146,6 +167,25 @@ class NoraConfig(PeftConfig):
             "0.02 for 'gaussian'/'uniform' (both factors random, so their product perturbs W at init)."
         },
     )
+    grad_estimator: Literal["projected", "sign"] = field(
+        default="projected",
+        metadata={
+            "help": "First-update estimate of nora.gradient_init: 'projected' (only the r x r projected gradient "
+            "B^T G A^T per layer, never an m x n gradient; scaled to the norm of one sign step on the r x r core) "
+            "or 'sign' (LoRA-SB's -grad_first_step_lr * sign(sum of gradients); materialises each layer's m x n "
+            "gradient). outer_init='grad' needs 'sign'."
+        },
+    )
+    grad_first_step_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "eta_1 of the first-update estimate: the lr of the first optimizer step (LoRA-SB: lr / "
+            "warmup_steps). Needed by inner_init='grad_step' and outer_init='grad'; 'grad' uses directions only."
+        },
+    )
+    grad_scale: float = field(
+        default=1.0, metadata={"help": "Multiplier on grad_first_step_lr (LoRA-SB and LoRA-One use 1)."}
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -154,6 +194,17 @@ class NoraConfig(PeftConfig):
         },
     )
     nora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    activation_memory: Literal["auto", "low", "folded"] = field(
+        default="auto",
+        metadata={
+            "help": "What autograd saves per token for the adapter term while training. 'low': only z = A x (r "
+            "numbers; nora.lowmem, plus dropout's boolean mask when nora_dropout > 0), never x (n numbers). "
+            "'folded': the folded rank-r_inner product F.linear(F.linear(x, A'A), left), which saves x like LoRA. "
+            "'auto' (default): 'low' for every structure except 'adapter', whose folded path already saves only A x. "
+            "Without autograd (no_grad, inference) every mode runs the folded product. Trade-off measured in "
+            "benchmarks/RESULTS.md (activation memory)."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -168,7 +219,15 @@ class NoraConfig(PeftConfig):
         default=False,
         metadata={"help": "True for layers storing weight as (in, out), e.g. GPT-2 Conv1D; set automatically."},
     )
-    bias: str = field(default="none", metadata={"help": "Only 'none' is supported: NoRA never trains biases."})
+    bias: Literal["none", "all", "nora_only"] = field(
+        default="none",
+        metadata={
+            "help": "Which biases train, as in PEFT's LoRA: 'none', 'all' (every bias of the model) or 'nora_only' "
+            "(the biases of the NoRA-wrapped layers). Trained biases are saved with the adapter, merged (they are "
+            "the base layer's own) and exported by export_lora. Only one adapter of a model may have bias != 'none'. "
+            "With a trained bias, disable_adapter() does not restore the base model's outputs (PEFT warns)."
+        },
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved, e.g. a classification head."}
     )
@@ -210,6 +269,10 @@ class NoraConfig(PeftConfig):
         _check_choice("outer_init", self.outer_init, OUTER_INITS)
         _check_choice("inner_init", self.inner_init, INNER_INITS)
         _check_choice("svd_method", self.svd_method, SVD_METHODS)
+        _check_choice("outer_scaling", self.outer_scaling, OUTER_SCALINGS)
+        _check_choice("grad_estimator", self.grad_estimator, GRAD_ESTIMATORS)
+        self._check_gradient_init()
+        _check_choice("activation_memory", self.activation_memory, ACTIVATION_MEMORY)
         for name in ("r", "r_inner"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -229,8 +292,7 @@ class NoraConfig(PeftConfig):
             raise ValueError(f"NoraConfig: inner_init_std must be > 0, got {self.inner_init_std}.")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise ValueError("NoraConfig: svd_niter and svd_oversample must be >= 0.")
-        if self.bias != "none":
-            raise ValueError(f"NoraConfig: bias={self.bias!r} is not supported; NoRA only supports bias='none'.")
+        _check_choice("bias", self.bias, BIASES)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("NoraConfig: layers_pattern is only used together with layers_to_transform.")
         if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
@@ -239,6 +301,42 @@ class NoraConfig(PeftConfig):
                 f"reads versions <= {FORMAT_VERSION}. Upgrade nora-peft (pip install -U nora-peft)."
             )
         self._from_checkpoint = False
+
+    @property
+    def needs_gradient_init(self) -> bool:
+        """True when nora.gradient_init must fill the factors after get_peft_model."""
+        return self.init_weights and (self.inner_init in GRAD_INNER_INITS or self.outer_init == "grad")
+
+    def _check_gradient_init(self) -> None:
+        grad_inner = self.inner_init in GRAD_INNER_INITS
+        if (grad_inner or self.outer_init == "grad") and self.structure not in ("nested", "adapter"):
+            raise ValueError(
+                f"NoraConfig: inner_init={self.inner_init!r} / outer_init={self.outer_init!r} support structure "
+                f"'nested' and 'adapter', not {self.structure!r}; use inner_init='zeros' and outer_init='svd'."
+            )
+        if self.structure == "adapter" and self.inner_init == "grad":
+            raise ValueError(
+                "NoraConfig: inner_init='grad' sets B' = 0 and aligns A'; structure='adapter' has a single r x r core "
+                "R, so 'grad' would just be R = 0. Use inner_init='zeros' or 'grad_step' (LoRA-SB's R = Sigma / s)."
+            )
+        if self.outer_init == "grad" and self.grad_estimator != "sign":
+            raise ValueError(
+                "NoraConfig: outer_init='grad' needs the full first-update estimate; set grad_estimator='sign' "
+                "('projected' only sees B^T G A^T, which needs outer factors to exist already)."
+            )
+        if self.outer_init == "grad" and self.inner_init not in ("zeros", *GRAD_INNER_INITS):
+            raise ValueError(
+                f"NoraConfig: outer_init='grad' combines with inner_init 'zeros', 'grad' or 'grad_step', not "
+                f"{self.inner_init!r}."
+            )
+        needs_lr = self.inner_init == "grad_step" or self.outer_init == "grad"
+        if needs_lr and (self.grad_first_step_lr is None or self.grad_first_step_lr <= 0):
+            raise ValueError(
+                "NoraConfig: inner_init='grad_step' and outer_init='grad' scale their start by the first step's lr; "
+                "set grad_first_step_lr > 0 (LoRA-SB: lr / warmup_steps)."
+            )
+        if self.grad_scale <= 0:
+            raise ValueError(f"NoraConfig: grad_scale must be > 0, got {self.grad_scale}.")
 
     @property
     def scaling(self) -> float:

@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import lowmem
 from .config import NoraConfig
 from .init import activation_scale, check_weight, init_inner, init_outer
 
@@ -52,7 +53,16 @@ class NoraLayer(BaseTunerLayer):
     """Holds the per-adapter NoRA state of one wrapped layer; see the module docstring for the computation."""
 
     adapter_layer_names = ("nora_inner_B", "nora_inner_A")
-    other_param_names = ("nora_B", "nora_A", "r", "r_inner", "scaling", "structure", "nora_dropout")
+    other_param_names = (
+        "nora_B",
+        "nora_A",
+        "r",
+        "r_inner",
+        "scaling",
+        "structure",
+        "activation_memory",
+        "nora_dropout",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -60,6 +70,7 @@ class NoraLayer(BaseTunerLayer):
         self.r_inner: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.structure: dict[str, str] = {}
+        self.activation_memory: dict[str, str] = {}  # "auto" | "low" | "folded": see nora.lowmem
         self.nora_dropout = nn.ModuleDict({})
         self.nora_inner_B = nn.ParameterDict({})
         self.nora_inner_A = nn.ParameterDict({})
@@ -94,6 +105,7 @@ class NoraLayer(BaseTunerLayer):
         self.r_inner[adapter_name] = r if config.structure == "adapter" else config.r_inner
         self.scaling[adapter_name] = config.scaling
         self.structure[adapter_name] = config.structure
+        self.activation_memory[adapter_name] = getattr(config, "activation_memory", "auto")
         self.nora_dropout[adapter_name] = nn.Dropout(config.nora_dropout) if config.nora_dropout > 0 else nn.Identity()
 
         from_checkpoint = getattr(config, "_from_checkpoint", False)
@@ -142,6 +154,7 @@ class NoraLayer(BaseTunerLayer):
                 svd_method=config.svd_method,
                 niter=config.svd_niter,
                 oversample=config.svd_oversample,
+                dtype=torch.float32 if getattr(config, "save_outer_factors", True) else torch.float64,  # nora.compact
             )
         # canonical strides (an SVD factor with a size-1 dim can be "contiguous" with stride (1, m)): a reloaded
         # adapter gets canonical strides too, and matmul results must not depend on the layout
@@ -253,6 +266,8 @@ class Linear(nn.Module, NoraLayer):
 
     def adapter_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter term s * B B' A' A dropout(x) of one adapter, in the inner factors' dtype."""
+        if lowmem.wants_low_memory(self, adapter, x):  # training: save z = A x (r per token), not x
+            return lowmem.low_memory_delta(self, adapter, x)
         left, right = self._factors(adapter)  # (m, k), (k, n)
         h = self._cast_input_dtype(self.nora_dropout[adapter](x), right.dtype)  # (.., n)
         return F.linear(F.linear(h, right), left)  # (.., k) -> (.., m)
