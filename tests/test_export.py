@@ -1,6 +1,8 @@
 """export_lora (exact LoRA factors, loadable by PEFT's LoRA) and export_merged (plain transformers checkpoint).
 
-The nora-free subprocess check lives in test_model_matrix.py; here the LoRA export is loaded in-process.
+The nora-free subprocess check lives in test_model_matrix.py; here the LoRA export is loaded in-process. Every
+exported dW (lora_B @ lora_A, or merged - base) is compared with tests/_oracle.py (the paper's product of the raw
+factors), not with nora's own get_delta_weight, so a wrong fold cannot agree with itself.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import _models as M
+import _oracle as O
 import nora
 from nora.model import nora_layers
 
@@ -36,9 +39,22 @@ def forward(family, model, batch):
         return M.output(family, model, batch)
 
 
+def assert_lora_state_is_the_oracle_delta(model, state, adapter="default", atol=1e-6):
+    """Every exported lora_B @ lora_A (in the base layout) equals the oracle's dW of that layer."""
+    config = model.peft_config[adapter]
+    layers = dict(nora_layers(model))
+    assert layers
+    for name, layer in layers.items():
+        product = state[f"{name}.lora_B.weight"].double() @ state[f"{name}.lora_A.weight"].double()
+        expected = O.delta_weight(layer, config, adapter)
+        assert expected.abs().max() > 100 * atol, name  # a trained, non-zero update
+        torch.testing.assert_close(product, expected, atol=atol, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_export_lora_matches_nora_outputs(structure, tmp_path):
-    model = trained("llama", structure=structure)
+@pytest.mark.parametrize("alpha", [None, 6.0])
+def test_export_lora_matches_nora_outputs(structure, alpha, tmp_path):
+    model = trained("llama", structure=structure, alpha=alpha)
     batch = M.inputs("llama")
     expected = forward("llama", model, batch)
     nora.export_lora(model, tmp_path)
@@ -49,6 +65,7 @@ def test_export_lora_matches_nora_outputs(structure, tmp_path):
     lora = PeftModel.from_pretrained(M.fresh("llama"), tmp_path)
     assert isinstance(lora.peft_config["default"], LoraConfig)
     torch.testing.assert_close(forward("llama", lora, batch), expected, atol=1e-5, rtol=0)
+    assert_lora_state_is_the_oracle_delta(model, load_file(tmp_path / "adapter_model.safetensors"))
 
 
 def test_lora_state_dict_contents():
@@ -60,13 +77,16 @@ def test_lora_state_dict_contents():
     for name, layer in layers.items():
         lora_A, lora_B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
         assert lora_A.shape == (4, layer.in_features) and lora_B.shape == (layer.out_features, 4)
-        torch.testing.assert_close(lora_B @ lora_A, layer.get_delta_weight("default"), atol=1e-7, rtol=0)
+    assert_lora_state_is_the_oracle_delta(model, state)
 
 
 def test_export_conv1d_and_modules_to_save(tmp_path):
     gpt2 = trained("gpt2")
-    config, _ = nora.lora_state_dict(gpt2)
+    config, state = nora.lora_state_dict(gpt2)
     assert config.fan_in_fan_out
+    for name, layer in nora_layers(gpt2):  # PEFT's fan_in_fan_out LoRA: dW = (lora_B @ lora_A), applied as x @ dW.T
+        product = state[f"{name}.lora_B.weight"].double() @ state[f"{name}.lora_A.weight"].double()
+        torch.testing.assert_close(product, O.delta_weight(layer, gpt2.peft_config["default"]), atol=1e-6, rtol=0)
     bert = trained("bert", modules_to_save=["classifier"])
     config, state = nora.lora_state_dict(bert)
     assert config.modules_to_save == ["classifier"]
@@ -124,10 +144,16 @@ def test_export_half_precision_factors_in_base_dtype(tmp_path):
 def test_export_merged(tmp_path):
     from transformers import LlamaForCausalLM
 
-    model = trained("llama")
+    model = trained("llama", alpha=2.0)
     batch = M.inputs("llama")
     expected = forward("llama", model, batch)
+    config = model.peft_config["default"]
+    want = {name.removeprefix("base_model.model.") + ".weight": O.base_weight(layer) + O.delta_weight(layer, config)
+            for name, layer in nora_layers(model)}  # fmt: skip
     merged = nora.export_merged(model, tmp_path)
+    merged_state = merged.state_dict()
+    for key, weight in want.items():  # merged W == W + the oracle's dW
+        torch.testing.assert_close(merged_state[key].double(), weight, atol=1e-6, rtol=0, msg=key)
     assert type(merged) is LlamaForCausalLM
     assert not any("nora" in k for k in merged.state_dict())
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()

@@ -18,7 +18,8 @@ Each case asserts:
   - on a non-identity adapter (the documented init if it is not "zeros", else init_weights=False):
     disable_adapter() gives the base output exactly; save_pretrained -> PeftModel.from_pretrained on a fresh copy of
     the (uncalibrated) base gives bit-identical outputs; merged == unmerged outputs (fp32, atol 1e-5); merging twice
-    is a no-op; unmerge restores the base weights (atol 1e-6).
+    is a no-op; the merged weights are W + dW with dW from tests/_oracle.py (the paper's product of the raw factors,
+    atol 1e-5); unmerge restores the base weights (atol 1e-6).
 
 The export to a plain PEFT LoRA is checked in ONE subprocess that never imports nora (asserted via sys.modules) for a
 representative subset: every family once and every structure once on Llama, plus awsvd / random outer inits
@@ -41,6 +42,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import _models as M
+import _oracle as O
 import nora
 from nora.model import nora_layers
 
@@ -138,6 +140,10 @@ def test_matrix(family, structure, inner_init, outer_init, tmp_path):
     merged = forward(family, model, batch)
     torch.testing.assert_close(merged, out, atol=1e-5, rtol=0, msg="merged != unmerged")
     once = base_weights(model)
+    config = model.peft_config["default"]
+    for name, layer in nora_layers(model):  # merged W == W + the oracle's dW (independent of nora's fold)
+        expected = weights[name].double() + O.delta_weight_in_layout(layer, config)
+        torch.testing.assert_close(once[name].double(), expected, atol=1e-5, rtol=0, msg=name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.merge_adapter()  # already merged: a no-op
