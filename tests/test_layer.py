@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import _models as M
+import _oracle as O
 import nora
 from nora.layer import fold_factors
 
@@ -116,19 +117,54 @@ def test_dropout_acts_on_the_adapter_input_only():
         train_a = model(x)
         torch.manual_seed(1)
         train_b = model(x)
-        with model.disable_adapter():
-            base_train = model(x)
     assert not torch.equal(train_a, train_b)
-    model.eval()
-    with torch.no_grad(), model.disable_adapter():
-        base_eval = model(x)
-    assert torch.equal(base_train, base_eval)  # the base path never sees the dropout
     # the mean over dropout masks is the eval output (inverted dropout), roughly
     torch.manual_seed(2)
     with torch.no_grad():
         model.train()
         mean = torch.stack([model(x) for _ in range(200)]).mean(0)
     torch.testing.assert_close(mean, eval_out, atol=0.05, rtol=0)
+
+
+def test_dropout_in_train_mode_leaves_the_base_path_exact():
+    """With B' = 0 (inner_init='zeros') the adapter term is exactly 0 whatever the mask, so a train-mode output equals
+    the base layer's own output bit for bit only if the base path never sees the dropout."""
+    torch.manual_seed(0)
+    cfg = nora.NoraConfig(r=6, r_inner=3, target_modules=["lin"], nora_dropout=0.5)
+    model = get_peft_model(M.OneLinear(12, 10), cfg)
+    layer = model.base_model.model.lin
+    assert (layer.nora_inner_B["default"] == 0).all()
+    x = torch.randn(64, 10)
+    model.train()
+    assert layer.nora_dropout["default"].training
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = model(x)
+        base = layer.get_base_layer()(x)  # the wrapped nn.Linear itself, not disable_adapter()
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_dropout_mask_is_inverted_dropout_on_the_adapter_input(p):
+    """A fixed mask (the same seed) gives W x + b + dW (mask * x / (1 - p)): the adapter sees the scaled, dropped-out
+    input, the base path sees x. The expected values are computed by the oracle, not by the layer."""
+    model, layer = lin_model(nora_dropout=p, inner_init_std=0.3)
+    x = torch.randn(64, 10)
+    torch.manual_seed(7)
+    scaled_mask = nn.functional.dropout(torch.ones_like(x), p, training=True)  # same RNG draw as nn.Dropout(x)
+    values = sorted(scaled_mask.unique().tolist())
+    assert values == [0.0, pytest.approx(1 / (1 - p))], values  # inverted dropout: kept entries are x / (1 - p)
+    assert abs((scaled_mask == 0).float().mean().item() - p) < 0.08  # 640 draws: ~p of the entries dropped
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = model(x)
+    config = model.peft_config["default"]
+    expected = O.forward(layer, config, x, adapter_input=x * scaled_mask)
+    undropped = O.forward(layer, config, x)
+    signal = (expected - undropped).abs().max().item()
+    assert signal > 1e-2  # the mask changes the output far above the float32 tolerance below
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
 
 def test_conv1d_layout():
@@ -204,18 +240,38 @@ def test_merge_is_a_noop_for_merged_adapters():
     assert layer.merged_adapters == ["default"]
 
 
+@pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_forward_computes_the_adapter_in_float32(dtype):
-    model, layer = lin_model(dtype=dtype, structure="parallel")
-    x = torch.randn(4, 10)
+def test_half_precision_forward_computes_the_adapter_in_float32(dtype, structure):
+    """out - base_out is the float32 adapter term, within the rounding of the half-precision output only.
+
+    Two checks, each with a tolerance well below the signal: (1) on the layer as built, out - base_out against the
+    oracle's term, with tolerance eps (|term| + |out|) elementwise (one rounding of the term, one of the sum), asserted
+    to be below a tenth of the term; (2) with the base weight and bias zeroed, out must be the oracle's term rounded
+    once to the half dtype (relative eps / 2 per element): an adapter computed in bf16/fp16 rounds every factor and
+    product and misses this by far, a dropped adapter gives 0."""
+    model, layer = lin_model(dtype=dtype, structure=structure, alpha=9.0, inner_init_std=0.5)
+    config = model.peft_config["default"]
+    base = layer.get_base_layer()
+    x = torch.randn(4, 10).to(dtype)
+    e = torch.finfo(dtype).eps
     with torch.no_grad():
-        out = model(x.to(dtype))
-        base = layer.get_base_layer()
-        left, right = layer._factors("default")
-        assert left.dtype == right.dtype == torch.float32
-        expected = base(x.to(dtype)).float() + x.to(dtype).float() @ (left @ right).T
+        out = model(x)
+        base_out = base(x)
+        assert layer.adapter_delta("default", x).dtype == torch.float32
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, atol=4 * torch.finfo(dtype).eps * expected.abs().max(), rtol=0)
+    term = O.adapter_term(layer, config, x)  # float64, from the raw factors
+    got = out.double() - base_out.double()
+    tolerance = e * (term.abs() + out.double().abs()) + 1e-6
+    assert term.abs().max() > 10 * tolerance.max(), "the adapter term must dominate the tolerance"
+    assert ((got - term).abs() <= tolerance).all(), (got - term).abs().max()
+
+    with torch.no_grad():
+        base.weight.zero_()
+        base.bias.zero_()
+        out = model(x)
+    rounded_err = (out.double() - term).abs()
+    assert (rounded_err <= 0.5 * e * term.abs() + 1e-6 * term.abs().max()).all(), (rounded_err / term.abs()).max()
 
 
 def test_repr_and_lora_conversion_flag():
