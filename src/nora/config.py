@@ -292,6 +292,12 @@ class NoraConfig(PeftConfig):
             raise ValueError(f"NoraConfig: inner_init_std must be > 0, got {self.inner_init_std}.")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise ValueError("NoraConfig: svd_niter and svd_oversample must be >= 0.")
+        if not self.save_outer_factors and self.svd_method == "randomized_bf16":
+            raise ValueError(
+                "NoraConfig: save_outer_factors=False rebuilds the outer factors on load, which needs a reproducible "
+                "SVD, but svd_method='randomized_bf16' multiplies in bfloat16. Use svd_method='randomized', 'full' or "
+                "'auto' (compact adapters run it in float64), or keep save_outer_factors=True."
+            )
         _check_choice("bias", self.bias, BIASES)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("NoraConfig: layers_pattern is only used together with layers_to_transform.")

@@ -69,11 +69,20 @@ def resolve_svd_method(svd_method: str, shape: tuple[int, ...], device: torch.de
 
 
 def truncated_svd(
-    weight: torch.Tensor, r: int, svd_method: str = "full", niter: int = 4, oversample: int = 64, seed: int = 0
+    weight: torch.Tensor,
+    r: int,
+    svd_method: str = "full",
+    niter: int = 4,
+    oversample: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets of `weight`, computed in float32: U (m x r), S (r,), Vh (r x n)."""
+    """Top-r singular triplets of `weight`, computed in `dtype` (float32; float64 for compact adapters, whose
+    factors must be rebuilt bit-for-bit on load): U (m x r), S (r,), Vh (r x n)."""
     svd_method = resolve_svd_method(svd_method, tuple(weight.shape), weight.device)
-    w = weight.detach().to(torch.float32)
+    if dtype == torch.float64 and svd_method == "randomized_bf16":
+        svd_method = "randomized"  # bf16 products are not reproducible across thread counts; config refuses it
+    w = weight.detach().to(dtype)
     if svd_method == "full":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         return U[:, :r], S[:r], Vh[:r]
@@ -134,8 +143,9 @@ def outer_awsvd(weight: torch.Tensor, scale: torch.Tensor, r: int, **svd_kwargs)
         raise ValueError(
             f"AwSVD scale has shape {tuple(scale.shape)} but the weight has {weight.shape[1]} input channels."
         )
-    s = scale.to(device=weight.device, dtype=torch.float32)
-    U, S, Vh = truncated_svd(weight.to(torch.float32) * s, r, **svd_kwargs)
+    dtype = svd_kwargs.get("dtype", torch.float32)
+    s = scale.to(device=weight.device, dtype=dtype)
+    U, S, Vh = truncated_svd(weight.to(dtype) * s, r, **svd_kwargs)
     return OuterFactors(U * S, Vh / s, S)
 
 

@@ -74,6 +74,9 @@ class NoraModel(BaseTuner):
                 f"NoRA: no module matched target_modules={config.target_modules!r}. Linear/Conv1D modules in this "
                 f"model are named: {', '.join(names) or '(none)'}. Pass some of these as target_modules."
             ) from exc
+        from . import compact
+
+        compact.remember_model(model, adapter_name, self.peft_config[adapter_name])
 
     def _create_and_replace(
         self, nora_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
@@ -110,6 +113,10 @@ class NoraModel(BaseTuner):
             for buffers in (module.nora_B, module.nora_A):
                 if adapter_name in buffers and buffers[adapter_name].dtype != dtype:
                     buffers[adapter_name] = buffers[adapter_name].to(dtype)
+        from . import sharing
+
+        # runs after get_peft_model, add_adapter and load_adapter (once the weights are in): share identical B, A
+        sharing.share_model(self.model, adapter_name, self.peft_config)
 
     @staticmethod
     def _check_or_record_fingerprint(config: NoraConfig, key: str, base: nn.Module) -> None:
@@ -132,6 +139,13 @@ class NoraModel(BaseTuner):
             )
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        from . import compact
+
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return compact.filter_for_save(model, config, adapter_name, to_return)  # save_outer_factors=False: no B, A
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = model.state_dict()
@@ -145,6 +159,9 @@ class NoraModel(BaseTuner):
                 f"NoRA adapter shapes do not fit the base model ({len(wrong)} tensors), e.g. {wrong[0]}. The adapter "
                 "was built for a model with other layer sizes or another r / r_inner; load it onto its own base model."
             )
+        from . import compact
+
+        remapped = compact.restore_outer(model, config, adapter_name, remapped)  # compact file: rebuild + verify
         expected_outer = [k for k in own if f".nora_B.{adapter_name}" in k]
         missing = [k for k in expected_outer if k not in remapped]
         if missing:

@@ -1,0 +1,79 @@
+"""Shared outer factors: adapters of one layer whose frozen B, A are identical hold one tensor, not one copy each.
+
+Two adapters built with the same outer settings on the same base weight get the same B and A (the SVD is
+deterministic for a given input, and a reload restores the saved bits). Deduplication is on content, never on
+names: candidates are the other adapters of the layer with equal `outer_settings` (a cheap key), and a tensor is
+shared only if `torch.equal` confirms it. Each adapter keeps its own entry in `nora_B` / `nora_A` (so state dicts,
+`save_pretrained(selected_adapters=[...])` and `delete_adapter` work per adapter as before); the entries merely
+point to the same storage. Nothing writes into an outer factor in place except `load_state_dict`, which copies the
+(verified equal) checkpoint values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: config fields that determine the outer factors (besides the base weight and, for awsvd, the channel scales)
+OUTER_FIELDS = (
+    "r",
+    "outer_init",
+    "outer_scaling",
+    "awsvd_alpha",
+    "awsvd_eps",
+    "svd_method",
+    "svd_niter",
+    "svd_oversample",
+    "init_seed",
+    "save_outer_factors",
+)
+
+
+def outer_settings(config) -> tuple:
+    """The part of a NoraConfig that decides B and A (a prefilter: equal content is still checked)."""
+    return tuple(getattr(config, f, None) for f in OUTER_FIELDS)
+
+
+def shares_outer(layer, a: str, b: str) -> bool:
+    """Whether adapters a and b of `layer` hold the same B and A tensors (same storage)."""
+    return layer.nora_B[a] is layer.nora_B[b] and layer.nora_A[a] is layer.nora_A[b]
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and bool(torch.equal(x, y))
+
+
+def find_twin(layer, adapter: str, configs: dict, B: torch.Tensor, A: torch.Tensor) -> str | None:
+    """Another adapter of `layer` whose outer factors equal (B, A) and whose config has the same outer settings."""
+    pending = getattr(layer, "_outer_pending", {})
+    key = outer_settings(configs[adapter]) if adapter in configs else None
+    for other in layer.nora_B:
+        if other == adapter or other in pending or other not in configs:
+            continue
+        if key is not None and outer_settings(configs[other]) != key:
+            continue
+        if _same(layer.nora_B[other], B) and _same(layer.nora_A[other], A):
+            return other
+    return None
+
+
+def share_layer(layer, adapter: str, configs: dict) -> str | None:
+    """Point `adapter`'s B, A at an identical twin's tensors on this layer; returns the twin's name (or None)."""
+    if adapter not in layer.nora_B or adapter in getattr(layer, "_outer_pending", {}):
+        return None
+    twin = find_twin(layer, adapter, configs, layer.nora_B[adapter], layer.nora_A[adapter])
+    if twin is not None and not shares_outer(layer, adapter, twin):
+        layer.nora_B[adapter] = layer.nora_B[twin]
+        layer.nora_A[adapter] = layer.nora_A[twin]
+    return twin
+
+
+def share_model(model, adapter: str, configs: dict) -> int:
+    """share_layer on every NoRA layer; returns how many layers now share `adapter`'s outer factors."""
+    from .layer import NoraLayer
+
+    return sum(
+        share_layer(module, adapter, configs) is not None
+        for module in model.modules()
+        if isinstance(module, NoraLayer)
+    )
+
