@@ -793,7 +793,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw results/efficiency.png from the committed JSON results"
     )
+    parser.add_argument(
+        "--activation-memory",
+        action="store_true",
+        help="issue 22: saved-activation bytes, peak RSS and step time of floor / LoRA 16 / LoRA-FA 16 / LoRA 64 / "
+        "NoRA folded / NoRA low-memory on SmolLM2 4 x 256..2048 and an 8B-shaped block; the remaining flags are "
+        "those of benchmarks/_activation_memory.py (--cells, --methods, --reps, --timed, --threads, --resume)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--activation-memory" in argv:
+        import _activation_memory
+
+        return _activation_memory.main([a for a in argv if a != "--activation-memory"])
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.seed, args.batch, args.seq, args.warmup, args.threads)

@@ -1,0 +1,308 @@
+"""Activation memory of a training step (issue 22): what autograd saves, peak RSS and step time per method, on
+SmolLM2-135M (fp32, batch 4 x 256/1024/2048) and on one LLaMA-3-8B-shaped decoder block built at full size.
+
+    python benchmarks/bench_efficiency.py --activation-memory                       # everything below
+    python benchmarks/bench_efficiency.py --activation-memory --cells smollm2:256 --reps 3
+
+Methods: the frozen floor (no adapter; input gradients), PEFT LoRA r=16, LoRA r=16 with PEFT's LoRA-FA optimizer
+(`peft.optimizers.create_lorafa_optimizer`: lora_A frozen), LoRA r=64, NoRA 64/32 with activation_memory="folded"
+and with activation_memory="low" (nora.lowmem), all on the 7 projections.
+
+Design
+- A fresh process per (cell, method, repetition): ru_maxrss (reset through /proc/self/clear_refs once the model and
+  optimizer are built) is that method's own training peak. Repetitions are rounds over all methods in rotated order,
+  so slow drifts of the shared machine hit every method alike; step time = median over the rounds.
+- Each process: build; one step whose forward runs under `torch.autograd.graph.saved_tensors_hooks` (the saved
+  bytes: every distinct storage autograd saves, except the model's own parameters and buffers, which are resident
+  anyway); then `--timed` timed steps (zero_grad + forward + backward + AdamW step).
+- The 8B block: `LlamaForCausalLM` with ONE decoder layer of LLaMA-3-8B's shape (hidden 4096, intermediate 14336, 32
+  heads, 8 kv heads; 218M projection weights, 0.87 GB fp32) and a 256-token vocabulary, so the embedding and the
+  head are negligible; its input requires grad (`enable_input_require_grads`), as for any layer but the first.
+- Results are written after every process to results/efficiency_activation_memory.json, so a long run can be
+  resumed (`--resume`) and read while it runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+BENCH = "efficiency_activation_memory"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "floor": "frozen floor",
+    "lora_16": "LoRA r=16",
+    "lorafa_16": "LoRA-FA r=16",
+    "lora_64": "LoRA r=64",
+    "nora_folded": "NoRA 64/32 folded",
+    "nora_low": "NoRA 64/32 low-memory",
+}
+#: cell name -> (model, batch, seq)
+CELLS = {
+    "smollm2:256": ("smollm2", 4, 256),
+    "smollm2:1024": ("smollm2", 4, 1024),
+    "smollm2:2048": ("smollm2", 4, 2048),
+    "llama8b-block:512": ("llama8b-block", 1, 512),
+}
+BLOCK = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+
+
+def build(method: str, model_name: str, seed: int):
+    """(model, optimizer) of a method."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import nora
+
+    torch.manual_seed(seed)
+    if model_name == "smollm2":
+        model, _tok = _common.load_model()
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**BLOCK, num_hidden_layers=1, vocab_size=256, max_position_embeddings=4096)
+        model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    if method == "floor" or model_name != "smollm2":
+        model.enable_input_require_grads()  # the floor's backward runs through every layer; the block is a middle one
+    if method == "floor":
+        model.requires_grad_(False)
+    elif method.startswith("nora"):
+        mode = method.split("_")[1]
+        cfg = nora.NoraConfig(r=64, r_inner=32, target_modules=TARGETS, init_seed=seed, activation_memory=mode)
+        model = get_peft_model(model, cfg)
+    else:
+        r = int(method.split("_")[1])
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    if method.startswith("lorafa"):
+        from peft.optimizers import create_lorafa_optimizer
+
+        opt = create_lorafa_optimizer(model, r=16, lora_alpha=16, lr=1e-5)  # sets lora_A.requires_grad = False
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    return model, opt
+
+
+def input_ids(model_name: str, batch: int, seq: int):
+    import torch
+
+    if model_name != "smollm2":
+        return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_common.smollm2_dir())
+    (b,) = _common.token_batches(tok, _common.commonsense_texts("train"), n_seq=batch, seq_len=seq, batch_size=batch)
+    return b["input_ids"]
+
+
+def saved_bytes_hooks(model):
+    """A saved_tensors_hooks context that records every distinct storage autograd saves (not the model's own
+    parameters and buffers), and a function returning the bytes recorded so far."""
+    import torch
+
+    resident = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lambda: sum(seen.values())
+
+
+def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(_common.BENCH_DIR))
+    from bench_efficiency import _reset_peak, _rss_mb
+
+    torch.set_num_threads(threads)
+    model_name, batch, seq = CELLS[cell]
+    model, opt = build(method, model_name, seed)
+    ids = input_ids(model_name, batch, seq)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    setup_peak = _rss_mb()
+    reset_ok = _reset_peak()
+
+    def step(record=False):
+        start = time.perf_counter()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        if record:
+            hooks, total = saved_bytes_hooks(model)
+            with hooks:
+                loss = model(input_ids=ids, labels=ids).loss
+            saved = total()
+        else:
+            loss, saved = model(input_ids=ids, labels=ids).loss, None
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        return time.perf_counter() - start, saved, float(loss.detach())
+
+    first_s, saved, loss0 = step(record=True)
+    times = [step()[0] for _ in range(timed)]
+    return {
+        "cell": cell,
+        "method": method,
+        "trainable": trainable,
+        "saved_bytes": saved,
+        "tokens": batch * seq,
+        "first_step_s": first_s,
+        "times": times,
+        "loss_first": loss0,
+        "setup_peak_mb": setup_peak,
+        "train_peak_mb": _rss_mb(),
+        "peak_reset": reset_ok,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_cell_process(cell: str, method: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, method, str(args.timed), str(args.threads)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@"):
+            return json.loads(line[2:])
+    raise RuntimeError(f"worker {cell} {method} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (cell, method): saved MB, above the floor, vs LoRA r=16 above the floor, peak, step medians."""
+    rows = []
+    for cell in CELLS:
+        recs = [r for r in records if r["cell"] == cell]
+        if not recs:
+            continue
+        by: dict[str, list[dict]] = {}
+        for r in recs:
+            by.setdefault(r["method"], []).append(r)
+
+        def med_time(m, by=by):
+            ts = [t for r in by.get(m, []) for t in r["times"]] or [r["first_step_s"] for r in by.get(m, [])]
+            return _common.median(ts) if ts else None
+
+        floor_saved = by["floor"][0]["saved_bytes"] if "floor" in by else None
+        lora_above = by["lora_16"][0]["saved_bytes"] - floor_saved if "lora_16" in by and floor_saved else None
+        for m in METHODS:
+            if m not in by:
+                continue
+            first = by[m][0]
+            above = first["saved_bytes"] - floor_saved if floor_saved is not None else None
+            t, t_folded = med_time(m), med_time("nora_folded")
+            peaks = [r["train_peak_mb"] for r in by[m]]
+            rows.append(
+                {
+                    "cell": cell,
+                    "method": m,
+                    "label": METHODS[m],
+                    "trainable": first["trainable"],
+                    "tokens": first["tokens"],
+                    "saved_bytes": first["saved_bytes"],
+                    "saved_above_floor_bytes": above,
+                    "above_floor_vs_lora16": above / lora_above if above is not None and lora_above else None,
+                    "train_peak_mb": _common.median(peaks),
+                    "train_peak_mb_all": peaks,
+                    "step_s": t,
+                    "step_samples": sum(len(r["times"]) for r in by[m]) or len(by[m]),
+                    "vs_folded": t / t_folded if t and t_folded else None,
+                }
+            )
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    def mb(b):
+        return "-" if b is None else f"{b / 2**20:,.1f}"
+
+    table = [
+        [
+            r["cell"],
+            r["label"],
+            f"{r['trainable']:,}",
+            mb(r["saved_bytes"]),
+            mb(r["saved_above_floor_bytes"]),
+            "-" if r["above_floor_vs_lora16"] is None else f"{r['above_floor_vs_lora16']:.3f}",
+            f"{r['train_peak_mb']:,.0f}",
+            "-" if r["step_s"] is None else f"{r['step_s']:.2f} (n={r['step_samples']})",
+            "-" if r["vs_folded"] is None else f"{r['vs_folded']:.3f}",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "cell (batch x seq)",
+        "method",
+        "trainable",
+        "saved MiB",
+        "above floor MiB",
+        "above floor / LoRA r=16's",
+    ]
+    headers += ["train peak RSS MB", "step s (median)", "step / NoRA folded"]
+    return _common.markdown_table(headers, table)
+
+
+def run(args) -> int:
+    out_path = _common.RESULTS_DIR / f"{BENCH}.json"
+    records: list[dict] = []
+    if args.resume and out_path.exists():
+        records = _common.read_json(out_path).get("records", [])
+    methods = args.methods or list(METHODS)
+    for cell in args.cells:
+        order = list(methods)
+        for rep in range(args.reps):
+            for m in order:
+                if sum(r["cell"] == cell and r["method"] == m for r in records) > rep:
+                    continue  # resumed
+                rec = run_cell_process(cell, m, args)
+                rec["rep"] = rep
+                records.append(rec)
+                print(
+                    f"{cell} rep {rep} {m}: saved {rec['saved_bytes'] / 2**20:,.1f} MiB, peak "
+                    f"{rec['train_peak_mb']:,.0f} MB, steps {[round(t, 2) for t in rec['times']]}",
+                    flush=True,
+                )
+                rows = summarize(records)
+                payload = _common.result_payload(
+                    BENCH, rows, markdown=render(rows), records=records, timed=args.timed, threads=args.threads
+                )
+                _common.write_json(out_path, payload)
+            order = order[1:] + order[:1]
+    print(render(summarize(records)))
+    print(f"wrote {out_path}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--timed", type=int, default=1, help="timed steps per process after the recorded step")
+    parser.add_argument("--resume", action="store_true", help="keep the records already in the results JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all")
+    parser.add_argument("--reps", type=int, default=3, help="rounds of fresh processes (one per method per round)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":  # one cell process
+    _, _, cell_, method_, timed_, threads_ = sys.argv
+    res = worker(cell_, method_, int(timed_), int(threads_), seed=0)
+    sys.stdout.write("@@" + json.dumps(res) + "\n")
