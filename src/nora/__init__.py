@@ -12,6 +12,7 @@ from .config import PEFT_TYPE, NoraConfig
 from .export import export_lora, export_merged, lora_state_dict
 from .layer import Linear, NoraLayer
 from .model import DEFAULT_TARGET_MODULES, DIFFUSERS_UNET_TARGET_MODULES, NoraModel
+from .quantized import dequantize_base
 from .registration import register
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "NoraLayer",
     "NoraModel",
     "calibrate",
+    "dequantize_base",
     "export_lora",
     "export_merged",
     "lora_state_dict",

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import NoraConfig
 from .init import activation_scale, reconstruction_error
 from .model import CALIBRATION_ATTR, SUPPORTED_LAYERS, default_target_modules
+from .quantized import is_quantized_linear
 
 
 def resolve_targets(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
@@ -41,7 +42,9 @@ def resolve_targets(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module
     targets = {
         name: module
         for name, module in model.named_modules()
-        if name and isinstance(module, SUPPORTED_LAYERS) and check_target_module_exists(cfg, name)
+        if name
+        and (isinstance(module, SUPPORTED_LAYERS) or is_quantized_linear(module))  # HQQLinear is no nn.Linear
+        and check_target_module_exists(cfg, name)
     }
     if not targets:
         raise ValueError(f"nora.calibrate: no Linear/Conv1D module matched target_modules={config.target_modules!r}.")

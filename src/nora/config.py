@@ -241,6 +241,14 @@ class NoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Filled on save: shapes and checksums of the adapted base weights, checked on load."},
     )
+    base_quantization: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by get_peft_model on a quantized base (nora.quantized): the base's quantization config "
+            "(transformers' quantization_config, or the backend and layer settings), so the adapter records the base "
+            "it was trained on."
+        },
+    )
     check_base_fingerprint: bool = field(
         default=True,
         metadata={

@@ -36,7 +36,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
         if adapter_name not in layer.nora_inner_B:
             continue
         lora_A, lora_B = layer.lora_factors(adapter_name)
-        dtype = layer.get_base_layer().weight.dtype
+        dtype = layer._base_dtype()  # a quantized base: the dtype it dequantizes to
         state[f"{name}.lora_A.weight"] = lora_A.to(dtype).contiguous()
         state[f"{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
         targets.add(name.removeprefix(_PEFT_PREFIX))

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from . import lowmem
 from .config import NoraConfig
 from .init import activation_scale, check_weight, init_inner, init_outer
+from .quantized import read_weight_mn, resolve_backend, warn_requantize
 
 
 def inner_shapes(structure: str, m: int, r: int, r_inner: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
@@ -66,6 +67,8 @@ class NoraLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        # bitsandbytes / torchao / hqq base: how to dequantize (read-only) and requantize on merge (nora.quantized)
+        self.quantization_backend = resolve_backend(self.get_base_layer(), **kwargs)
         self.r: dict[str, int] = {}
         self.r_inner: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -85,7 +88,10 @@ class NoraLayer(BaseTunerLayer):
         self._outer_pending: dict[str, str] = {}
 
     def _base_weight_mn(self) -> torch.Tensor:
-        """The base weight as (out, in) = (m, n), whatever the layer's storage layout."""
+        """The base weight as (out, in) = (m, n), whatever the layer's storage layout (a quantized base: a float32
+        dequantized read-only copy)."""
+        if self.quantization_backend is not None:
+            return read_weight_mn(self.get_base_layer(), self.quantization_backend)
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
 
@@ -158,8 +164,8 @@ class NoraLayer(BaseTunerLayer):
             )
         # canonical strides (an SVD factor with a size-1 dim can be "contiguous" with stride (1, m)): a reloaded
         # adapter gets canonical strides too, and matmul results must not depend on the layout
-        self.nora_B[adapter_name] = B.to(weight.dtype).clone(memory_format=torch.contiguous_format)
-        self.nora_A[adapter_name] = A.to(weight.dtype).clone(memory_format=torch.contiguous_format)
+        self.nora_B[adapter_name] = B.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
+        self.nora_A[adapter_name] = A.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
 
         shape_B, shape_A = inner_shapes(config.structure, m, r, config.r_inner)
         method = config.inner_init if config.init_weights else "gaussian"
@@ -192,7 +198,13 @@ class NoraLayer(BaseTunerLayer):
         delta = left.float() @ right.float()
         if self.fan_in_fan_out:
             delta = delta.T
-        return delta.to(self.get_base_layer().weight.dtype)
+        return delta.to(self._base_dtype())
+
+    def _base_dtype(self) -> torch.dtype:
+        """The base weight's float dtype (for a quantized base, the dtype its weight dequantizes to)."""
+        if self.quantization_backend is not None:
+            return self.quantization_backend.dtype(self.get_base_layer())
+        return self.get_base_layer().weight.dtype
 
     def lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact rank-k LoRA factors (lora_A (k x n), lora_B (m x k)) with dW = lora_B @ lora_A and scaling 1."""
@@ -230,6 +242,8 @@ class Linear(nn.Module, NoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' dW to the base weight. Merging an already merged adapter is a no-op."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if adapter_names and self.quantization_backend is not None:
+            warn_requantize(self.quantization_backend)
         for name in adapter_names:
             if name not in self.nora_inner_B:
                 continue
@@ -257,6 +271,8 @@ class Linear(nn.Module, NoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)  # bnb 4-bit: not a view
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.nora_inner_B:

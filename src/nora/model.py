@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import get_quantization_kwargs
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import NoraConfig
 from .fingerprint import mismatch, weight_fingerprint
 from .layer import Linear, NoraLayer
+from .quantized import describe, read_weight_mn, resolve_backend
 
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BERT = ["query", "key", "value", "dense"]
@@ -85,17 +88,26 @@ class NoraModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         act = getattr(base, CALIBRATION_ATTR, None)
-        self._check_or_record_fingerprint(nora_config, current_key, base)
-        if isinstance(target, Linear):
-            target.update_layer(adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
-            return
-        if not isinstance(base, SUPPORTED_LAYERS):
+        quant_kwargs = get_quantization_kwargs(self.model)
+        # quantized layers first (nora.quantized): quanto's QLinear is an nn.Linear with a quantized weight
+        backend = resolve_backend(base, current_key, **quant_kwargs)
+        if backend is None and not isinstance(base, SUPPORTED_LAYERS):
             raise TypeError(
                 f"NoRA: target module {current_key!r} is a {type(base).__name__}; only torch.nn.Linear and "
                 "transformers Conv1D are supported. Remove it from target_modules or add it to exclude_modules."
             )
-        nora_config.fan_in_fan_out = isinstance(base, Conv1D)  # recorded for PEFT tooling; layers read the type
-        new_module = Linear(target, adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
+        if backend is not None and not getattr(nora_config, "_from_checkpoint", False):
+            nora_config.base_quantization = describe(self.model, base, backend)
+        # DeepSpeed ZeRO-3: every weight read at init (fingerprint, checks, SVD) sees the whole weight (read-only)
+        with gather_params_ctx(list(base.parameters(recurse=False)), modifier_rank=None):
+            self._check_or_record_fingerprint(nora_config, current_key, base, backend)
+            if isinstance(target, Linear):
+                target.update_layer(adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
+                return
+            nora_config.fan_in_fan_out = isinstance(base, Conv1D)  # recorded for PEFT tooling; layers read the type
+            new_module = Linear(
+                target, adapter_name, nora_config, act_mean_abs=act, module_name=current_key, **quant_kwargs
+            )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -107,7 +119,7 @@ class NoraModel(BaseTuner):
         for module in self.model.modules():
             if not isinstance(module, NoraLayer):
                 continue
-            dtype = module.get_base_layer().weight.dtype
+            dtype = module._base_dtype()
             if not dtype.is_floating_point:
                 continue
             for buffers in (module.nora_B, module.nora_A):
@@ -119,9 +131,8 @@ class NoraModel(BaseTuner):
         sharing.share_model(self.model, adapter_name, self.peft_config)
 
     @staticmethod
-    def _check_or_record_fingerprint(config: NoraConfig, key: str, base: nn.Module) -> None:
-        weight = base.weight.T if isinstance(base, Conv1D) else base.weight
-        actual = weight_fingerprint(weight)
+    def _check_or_record_fingerprint(config: NoraConfig, key: str, base: nn.Module, backend=None) -> None:
+        actual = weight_fingerprint(read_weight_mn(base, backend))
         if actual is None:
             return
         if not getattr(config, "_from_checkpoint", False):
