@@ -268,6 +268,11 @@ def _loss_curve(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())["loss_curve"]
 
 
+def _assert_resumed_at(metrics: dict, step: int, total: int = 6) -> None:
+    """The resumed session began at the checkpoint's global step and ran only the remaining steps."""
+    assert (metrics["start_step"], metrics["steps_run"], metrics["steps"]) == (step, total - step, total)
+
+
 def test_final_adapter_save_failure_keeps_the_previous_adapter(
     uninterrupted, tiny_llama_dir, tiny_task_dir, tmp_path, monkeypatch
 ):
@@ -334,6 +339,7 @@ def test_checkpoint_failure_keeps_previous_checkpoints_and_resume_is_exact(
 
     metrics = _train(_argv(tiny_llama_dir, tiny_task_dir, out, "--resume"))
     assert metrics["resumed_from"] == str(out / "checkpoint-2")
+    _assert_resumed_at(metrics, 2)
     assert_same_adapter(uninterrupted, out)
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
 
@@ -363,6 +369,7 @@ def test_resume_skips_a_half_written_checkpoint(uninterrupted, tiny_llama_dir, t
     capsys.readouterr()
     metrics = _train(_argv(tiny_llama_dir, tiny_task_dir, out, "--resume"))
     assert metrics["resumed_from"] == str(out / "checkpoint-2")
+    _assert_resumed_at(metrics, 2)
     assert f"skipping incomplete checkpoint {half}" in capsys.readouterr().out
     assert_same_adapter(uninterrupted, out)
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
@@ -436,6 +443,7 @@ def test_sigkill_then_resume_equals_uninterrupted(
 
     metrics = _train([*argv, "--resume"])
     assert metrics["resumed_from"] == str(out / resumes_from)
+    _assert_resumed_at(metrics, int(resumes_from.removeprefix("checkpoint-")))
     assert_same_adapter(uninterrupted, out)  # exact: atol = rtol = 0
     assert metrics["loss_curve"] == _loss_curve(uninterrupted)
     assert not (out / CHECKPOINT_STAGING).exists(), "the next checkpoint clears the killed save's staging folder"

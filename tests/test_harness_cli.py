@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import nora
@@ -117,15 +118,32 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, tiny_task_dir, tmp_path):
     def argv(out: Path, *extra: str) -> list[str]:
         return _train_argv(tiny_llama_dir, tiny_task_dir, out, "--max-steps", "4", "--save-steps", "2", *extra)
 
-    run_train(parse_args(argv(tmp_path / "full")))
+    first = run_train(parse_args(argv(tmp_path / "full")))
+    assert (first["start_step"], first["steps_run"], first["steps"]) == (0, 4, 4)
     with pytest.raises(KeyboardInterrupt):
         run_train(parse_args(argv(tmp_path / "part")), callbacks=[_CrashAfterCheckpoint()])
     assert not (tmp_path / "part" / "adapter_model.safetensors").exists()
+    # a copy of the crashed run whose checkpoint adapter is perturbed: if --resume really starts from the
+    # checkpoint, the perturbation must reach the final adapter
+    shutil.copytree(tmp_path / "part", tmp_path / "perturbed")
+    weights = tmp_path / "perturbed" / "checkpoint-2" / "adapter_model.safetensors"
+    state = load_file(weights)
+    assert any("nora_inner_" in key for key in state)
+    save_file({k: v + 0.05 if "nora_inner_" in k else v for k, v in state.items()}, weights)
+
     metrics = run_train(parse_args(argv(tmp_path / "part", "--resume")))
     assert metrics["resumed_from"].endswith("checkpoint-2")
+    # the resumed session started at the checkpoint's step and ran only the remaining 2 steps
+    assert (metrics["start_step"], metrics["steps_run"], metrics["steps"]) == (2, 2, 4)
     assert_same_adapter(tmp_path / "full", tmp_path / "part")
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())["loss_curve"]
     assert metrics["loss_curve"] == full
+
+    perturbed = run_train(parse_args(argv(tmp_path / "perturbed", "--resume")))
+    assert (perturbed["start_step"], perturbed["steps_run"]) == (2, 2)
+    final, reference = _adapter(tmp_path / "perturbed"), _adapter(tmp_path / "full")
+    changed = [k for k in reference if "nora_inner_" in k and (final[k] - reference[k]).abs().max() > 1e-3]
+    assert changed, "perturbing the checkpoint's adapter did not change the resumed run's final adapter"
 
 
 def test_sparse_logits_give_the_same_loss(tiny_llama_dir, tiny_task_dir, tmp_path):

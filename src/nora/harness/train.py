@@ -183,9 +183,10 @@ def supports_logits_to_keep(model) -> bool:
 
 # ------------------------------------------------------------------------------------------------ callbacks
 class RunRecorder(TrainerCallback):
-    """Per-step wall time and tokens seen during this session."""
+    """Per-step wall time and tokens seen during this session, and the step it started at (> 0 when resumed)."""
 
     def __init__(self) -> None:
+        self.start_step = 0
         self.step_seconds: list[float] = []
         self._step_start = 0.0
         self.train_start = 0.0
@@ -194,6 +195,7 @@ class RunRecorder(TrainerCallback):
         self.tokens_at_end = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step  # Trainer restores a checkpoint's state before on_train_begin
         self.train_start = time.perf_counter()
         self.tokens_at_start = state.num_input_tokens_seen
 
@@ -459,6 +461,8 @@ def collect_metrics(args, trainer, recorder: RunRecorder, model, peft_config, da
         "trainable_params": count_trainable(model),
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": trainer.state.global_step,
+        "start_step": recorder.start_step,
+        "steps_run": len(steps),
         "train_seconds": round(recorder.train_seconds, 2),
         "step_seconds": {
             "mean": round(statistics.mean(steps), 4) if steps else None,
