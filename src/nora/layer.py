@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from . import lowmem
 from .config import NoraConfig
 from .init import activation_scale, check_weight, init_inner, init_outer
+from .mixed_batch import mixed_forward
 from .quantized import read_weight_mn, resolve_backend, warn_requantize
 
 
@@ -264,6 +265,9 @@ class Linear(nn.Module, NoraLayer):
                 self.set_base_weight(self.get_base_weight() - self.get_delta_weight(name))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # mixed-batch inference: one adapter per row (nora.mixed_batch)
+            return mixed_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

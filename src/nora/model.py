@@ -8,6 +8,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import mixed_batch
 from .config import NoraConfig
 from .fingerprint import mismatch, weight_fingerprint
 from .layer import Linear, NoraLayer
@@ -111,6 +112,10 @@ class NoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel.forward/generate enter this with the call's kwargs: `adapter_names=[...]` (one per row)."""
+        return mixed_batch.forward_hooks(self, *args, **kwargs)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT upcasts every half-precision adapter tensor to float32, buffers included; keep the trained inner

@@ -1,0 +1,321 @@
+"""Mixed-batch inference: `model(**batch, adapter_names=[...])` and `model.generate(..., adapter_names=[...])`.
+
+One adapter name per batch row, `"__base__"` for a row of the plain base model, as in PEFT LoRA. `PeftModel` calls
+the tuner's `_enable_peft_forward_hooks`; `forward_hooks` below validates the names once for the whole model and
+registers a pre-hook on every NoRA layer (and `modules_to_save` wrapper) that injects the names, repeated per beam
+for beam search. Each NoRA layer then runs `mixed_forward`.
+
+Adapters of a layer whose outer factors are the same tensor or `torch.equal` (same base, same outer settings) form
+one class. For a class, the batch pays the outer products once and each row only its own small inner product:
+
+    nested:   delta = B  bmm(A x, (s B' A')_row^T)        A x: (rows, t, r), one r x r matrix per row
+    adapter:  delta = B  bmm(A x, (s R)_row^T)            (LoRA-XS)
+    parallel: delta =    bmm(bmm(A x, A'_row^T), (s C)_row^T)
+    output:   delta =    bmm(bmm(B A x, A'_row^T), (s B')_row^T)
+
+so an extra adapter costs O(r r') per token. The alternative, one folded rank-r' product per adapter on its own rows
+(what PEFT LoRA does), is cheaper for long prefills with few adapters; `_use_shared` picks the cheaper one by
+multiply-adds (benchmarks/bench_mixed_batch.py measures both against PEFT LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+BASE = "__base__"
+
+#: multiply-add equivalents charged per gathered/scattered element (index_select, index_add_ are memory bound)
+_GATHER_COST = 4.0
+
+
+def _inject(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _inject_wrapper(module, args, kwargs, adapter_names):
+    """The pre-hook of a `modules_to_save` wrapper: a row whose adapter has no copy of this module gets the original
+    (PEFT's wrapper would raise KeyError). PEFT's wrapper ignores the names and passes every row through the original
+    module when an active adapter lacks a copy; refuse that instead of returning rows without their copy."""
+    mapped = [n if n in module._adapters else BASE for n in adapter_names]
+    passthrough = module.disable_adapters or any(a not in module._adapters for a in module.active_adapters or [])
+    if passthrough and any(n != BASE for n in mapped):
+        needed = sorted({n for n in mapped if n != BASE})
+        raise ValueError(
+            f"adapter_names: adapter(s) {', '.join(map(repr, needed))} have their own copy of a modules_to_save module, "
+            "but the active adapter has none, and PEFT's wrapper then sends every row through the original module. "
+            f"Call model.set_adapter({needed[0]!r}) before the mixed-batch call (the rows still get their own adapters)."
+        )
+    kwargs["adapter_names"] = mapped
+    return args, kwargs
+
+
+def _hook_for(module: nn.Module, adapter_names: list[str]):
+    inject = _inject_wrapper if isinstance(module, AuxiliaryTrainingWrapper) else _inject
+    return module.register_forward_pre_hook(partial(inject, adapter_names=adapter_names), with_kwargs=True)
+
+
+def _nora_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "nora_inner_B")]
+
+
+def _expand_size(kwargs: dict) -> int:
+    """How many rows `generate` makes of each input row: max(num_beams, num_return_sequences), as transformers does."""
+    config = kwargs.get("generation_config")
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None) or 1)
+    returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None) or 1)
+    for name, value in (("num_beams", beams), ("num_return_sequences", returns)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"adapter_names with {name}={value!r}: {name} must be a positive integer.")
+    return max(beams, returns)
+
+
+def _input_batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def check_adapter_names(tuner: nn.Module, adapter_names: Any) -> list[str]:
+    """The validated list of names; one clear error for a wrong type, training mode, merged layers, unknown names."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name per batch row, got {type(adapter_names).__name__}. "
+            f'Pass e.g. adapter_names=["a", "__base__", "b"] (use model.set_adapter(name) for a whole batch).'
+        )
+    names = list(adapter_names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must hold strings (adapter names or '{BASE}'), got {names!r}.")
+    if tuner.training:
+        raise ValueError(
+            "adapter_names (mixed-batch inference) is refused in training mode: call model.eval() first; train each "
+            "adapter on its own with model.set_adapter(name)."
+        )
+    layers = _nora_layers(tuner)
+    merged = sorted({a for layer in layers for a in layer.merged_adapters})
+    if merged:
+        raise ValueError(
+            f"adapter_names (mixed-batch inference) is refused while adapters are merged into the base weights "
+            f"({', '.join(merged)}): every row would get them. Call model.unmerge_adapter() first."
+        )
+    known = {a for layer in layers for a in layer.nora_inner_B}
+    unknown = sorted(set(names) - known - {BASE})
+    if unknown:
+        raise ValueError(
+            f"adapter_names: unknown adapter(s) {', '.join(map(repr, unknown))}. Loaded adapters: "
+            f"{', '.join(map(repr, sorted(known)))}; use '{BASE}' for rows of the plain base model."
+        )
+    return names
+
+
+@contextlib.contextmanager
+def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]:
+    """`NoraModel._enable_peft_forward_hooks`: inject per-row adapter names into every NoRA layer for one call."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    alora_offsets = kwargs.pop("alora_offsets", None)
+    if alora_offsets is not None:
+        raise ValueError("alora_offsets is an option of PEFT's aLoRA; NoRA has no activated-LoRA mode. Drop it.")
+    if adapter_names is None:
+        yield
+        return
+    names = check_adapter_names(tuner, adapter_names)
+    batch = _input_batch_size(args, kwargs)
+    if batch is not None and batch != len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} names but the input has {batch} rows; pass one name per row "
+            f"('{BASE}' for the plain base model)."
+        )
+    expand = _expand_size(kwargs)
+    expanded = [n for n in names for _ in range(expand)]  # generate repeats each row `expand` times, in place
+    modules = [m for m in tuner.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    handles = [_hook_for(m, expanded) for m in modules]
+    encoder = tuner.model.get_encoder() if hasattr(tuner.model, "get_encoder") else None
+    if expand > 1 and encoder is not None and encoder is not tuner.model:
+        # an encoder-decoder's encoder runs once on the original rows; the later hook overrides the expanded names
+        for m in encoder.modules():
+            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                handles.append(_hook_for(m, names))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the layer side
+
+
+def _check_layer_call(layer, x: torch.Tensor, adapter_names: Any) -> None:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"adapter_names must be a list of names, one per row, got {type(adapter_names).__name__}.")
+    if x.dim() < 2 or x.shape[0] != len(adapter_names):
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} names but this layer's input has "
+            f"{x.shape[0] if x.dim() else 0} rows (shape {tuple(x.shape)}); pass one name per batch row. With beam "
+            "search or num_return_sequences set in a generation_config, also pass num_beams= / num_return_sequences= "
+            "to generate so the names are repeated per beam."
+        )
+    if layer.merged:
+        raise ValueError(
+            "adapter_names (mixed-batch inference) is refused while adapters are merged into the base weights: call "
+            "model.unmerge_adapter() first."
+        )
+    if layer.disable_adapters:
+        raise ValueError(
+            "adapter_names was passed while the adapters are disabled; enable them (model.enable_adapter_layers()) "
+            f"or use '{BASE}' for rows that should get the plain base model."
+        )
+    if layer.training:
+        raise ValueError("adapter_names (mixed-batch inference) is refused in training mode: call model.eval() first.")
+
+
+def _check_ready(layer, adapter: str) -> None:
+    if adapter in layer._outer_pending:
+        raise RuntimeError(
+            f"NoRA adapter {adapter!r}: the frozen outer factors were never computed or loaded. "
+            + layer._outer_pending[adapter]
+        )
+
+
+def _same_outer(layer, a: str, b: str) -> bool:
+    """Adapters a and b of this layer have the same structure and outer factors (one tensor, or equal content)."""
+    if layer.structure[a] != layer.structure[b]:
+        return False
+    pairs = [(layer.nora_B[a], layer.nora_B[b]), (layer.nora_A[a], layer.nora_A[b])]
+    if all(x is y for x, y in pairs):
+        return True
+    if any(x.shape != y.shape or x.dtype != y.dtype for x, y in pairs):
+        return False
+    try:  # cache the content comparison until one of the tensors changes (in-place version counter)
+        key = tuple((id(t), t.data_ptr(), t._version) for pair in pairs for t in pair)
+    except RuntimeError:  # inference tensors have no version counter
+        key = None
+    cache = layer.__dict__.setdefault("_nora_outer_equal", {})
+    if key is None or key not in cache:
+        equal = all(torch.equal(x, y) for x, y in pairs)
+        if key is None:
+            return equal
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = equal
+    return cache[key]
+
+
+def outer_classes(layer, adapters: list[str]) -> list[list[str]]:
+    """Partition adapters into classes with the same outer factors (order of first appearance)."""
+    classes: list[list[str]] = []
+    for a in adapters:
+        for cls in classes:
+            if _same_outer(layer, cls[0], a):
+                cls.append(a)
+                break
+        else:
+            classes.append([a])
+    return classes
+
+
+def _plan(
+    layer, adapter: str, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(shared pre, per-adapter row matrices, shared post), each applied as x -> x @ M^T in order."""
+    B, A = layer.nora_B[adapter].to(dtype), layer.nora_A[adapter].to(dtype)
+    inner_B, inner_A = layer.nora_inner_B[adapter], layer.nora_inner_A.get(adapter)
+    s = layer.scaling[adapter]
+    structure = layer.structure[adapter]
+    if structure == "nested":  # B (s B' A') A
+        return [A], [s * (inner_B @ inner_A)], [B]
+    if structure == "adapter":  # B (s R) A
+        return [A], [s * inner_B], [B]
+    if structure == "parallel":  # (s C) A' A
+        return [A], [inner_A, s * inner_B], []
+    if structure == "output":  # (s B') A' B A
+        return [A, B], [inner_A, s * inner_B], []
+    raise ValueError(f"unknown structure {structure!r}")
+
+
+def _use_shared(layer, cls: list[str], tokens: dict[str, int], whole: bool) -> bool:
+    """True when one shared outer product for the class costs fewer multiply-adds than one folded rank-r' product per
+    adapter on its own rows (the folding itself costs r r' (m + n) per adapter)."""
+    m, n, k = layer.out_features, layer.in_features, layer.r_inner[cls[0]]
+    total = sum(tokens[a] for a in cls)
+    gather = 0.0 if whole else _GATHER_COST * total * (m + n)  # index_select + index_add_ of the class's rows
+    shared = total * sum(_plan_shapes(layer, cls[0])) + gather
+    grouped = sum(tokens[a] * k * (m + n) + layer.r[a] * k * (m + n) for a in cls)
+    grouped += 0.0 if (whole and len(cls) == 1) else _GATHER_COST * total * (m + n)
+    return shared < grouped
+
+
+def _plan_shapes(layer, adapter: str) -> tuple[int, int, int]:
+    """Multiply-adds per token of the shared path's (pre, rows, post) stages."""
+    m, n, r, k = layer.out_features, layer.in_features, layer.r[adapter], layer.r_inner[adapter]
+    return {
+        "nested": (r * n, r * r, m * r),
+        "adapter": (r * n, r * r, m * r),
+        "parallel": (r * n, k * r + m * k, 0),
+        "output": (r * n + m * r, k * m + m * k, 0),
+    }[layer.structure[adapter]]
+
+
+def _shared_delta(layer, x: torch.Tensor, row_adapter: list[int], cls: list[str]) -> torch.Tensor:
+    """The adapter term of rows x (rows, .., n) whose adapters (cls[row_adapter[i]]) share outer factors."""
+    dtype = layer.nora_inner_B[cls[0]].dtype
+    plans = [_plan(layer, a, dtype) for a in cls]
+    pre, _, post = plans[0]
+    index = torch.as_tensor(row_adapter, device=x.device)
+    h = layer._cast_input_dtype(x, dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, t, n)
+    for mat in pre:
+        h = F.linear(h, mat)  # (rows, t, r) [then (rows, t, m) for 'output']
+    for stage in range(len(plans[0][1])):
+        per_adapter = torch.stack([plan[1][stage].T for plan in plans])  # (adapters, in, out)
+        h = torch.bmm(h, per_adapter[index])  # each row by its own adapter's small matrix
+    for mat in post:
+        h = F.linear(h, mat)  # (rows, t, m)
+    return h.reshape(*x.shape[:-1], h.shape[-1])
+
+
+def mixed_forward(layer, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any) -> torch.Tensor:
+    """A NoRA layer's forward with one adapter per batch row (`"__base__"` or an adapter this layer lacks: base)."""
+    _check_layer_call(layer, x, adapter_names)
+    result = layer.base_layer(x, *args, **kwargs)
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        if name != BASE and name in layer.nora_inner_B:
+            rows.setdefault(name, []).append(i)
+    if not rows:
+        return result
+    for a in rows:
+        _check_ready(layer, a)
+    per_row = x[0].numel() // x.shape[-1]  # tokens per row
+    tokens = {a: len(idx) * per_row for a, idx in rows.items()}
+    out_dtype = result.dtype
+    for cls in outer_classes(layer, list(rows)):
+        cls_rows = sorted(i for a in cls for i in rows[a])
+        whole = len(cls_rows) == x.shape[0]
+        if _use_shared(layer, cls, tokens, whole):
+            position = {a: j for j, a in enumerate(cls)}
+            row_adapter = [position[adapter_names[i]] for i in cls_rows]
+            if whole:
+                result = result + _shared_delta(layer, x, row_adapter, cls).to(out_dtype)
+            else:
+                index = torch.as_tensor(cls_rows, device=x.device)
+                delta = _shared_delta(layer, x.index_select(0, index), row_adapter, cls)
+                result.index_add_(0, index, delta.to(out_dtype))
+            continue
+        for a in cls:  # one folded rank-r' product per adapter on its own rows, as PEFT LoRA does
+            if len(rows[a]) == x.shape[0]:
+                result = result + layer.adapter_delta(a, x).to(out_dtype)
+                continue
+            index = torch.as_tensor(rows[a], device=x.device)
+            result.index_add_(0, index, layer.adapter_delta(a, x.index_select(0, index)).to(out_dtype))
+    return result
