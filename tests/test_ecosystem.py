@@ -30,7 +30,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import _models as M
 import nora
-from conftest import build_tiny_llama
 from nora.config import NoraPeftType
 from nora.interop import load_diffusers_adapter
 from nora.model import nora_layers

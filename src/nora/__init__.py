@@ -10,6 +10,7 @@ from __future__ import annotations
 from .calibration import calibrate, reconstruction_report, set_calibration
 from .config import PEFT_TYPE, NoraConfig
 from .export import export_lora, export_merged, lora_state_dict
+from .gradient_init import gradient_init
 from .layer import Linear, NoraLayer
 from .model import DEFAULT_TARGET_MODULES, DIFFUSERS_UNET_TARGET_MODULES, NoraModel
 from .quantized import dequantize_base
@@ -31,6 +32,7 @@ __all__ = [
     "dequantize_base",
     "export_lora",
     "export_merged",
+    "gradient_init",
     "lora_state_dict",
     "reconstruction_report",
     "register",

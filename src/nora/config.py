@@ -180,7 +180,7 @@ class NoraConfig(PeftConfig):
         default=None,
         metadata={
             "help": "eta_1 of the first-update estimate: the lr of the first optimizer step (LoRA-SB: lr / "
-            "warmup_steps). Needed by inner_init='grad_step' and outer_init='grad'; 'grad' uses directions only."
+            "warmup_steps). Needed by inner_init='grad_step'; 'grad' and outer_init='grad' use directions only."
         },
     )
     grad_scale: float = field(
@@ -319,7 +319,7 @@ class NoraConfig(PeftConfig):
     @property
     def needs_gradient_init(self) -> bool:
         """True when nora.gradient_init must fill the factors after get_peft_model."""
-        return self.init_weights and (self.inner_init in GRAD_INNER_INITS or self.outer_init == "grad")
+        return self.outer_init == "grad" or (self.init_weights and self.inner_init in GRAD_INNER_INITS)
 
     def _check_gradient_init(self) -> None:
         grad_inner = self.inner_init in GRAD_INNER_INITS
@@ -338,16 +338,20 @@ class NoraConfig(PeftConfig):
                 "NoraConfig: outer_init='grad' needs the full first-update estimate; set grad_estimator='sign' "
                 "('projected' only sees B^T G A^T, which needs outer factors to exist already)."
             )
+        if self.outer_init == "grad" and self.outer_scaling != "orthonormal":
+            raise ValueError(
+                "NoraConfig: outer_init='grad' gives orthonormal factors B = U_r, A = V_r^T of the first-update "
+                "estimate (LoRA-SB); set outer_scaling='orthonormal'."
+            )
         if self.outer_init == "grad" and self.inner_init not in ("zeros", *GRAD_INNER_INITS):
             raise ValueError(
                 f"NoraConfig: outer_init='grad' combines with inner_init 'zeros', 'grad' or 'grad_step', not "
                 f"{self.inner_init!r}."
             )
-        needs_lr = self.inner_init == "grad_step" or self.outer_init == "grad"
-        if needs_lr and (self.grad_first_step_lr is None or self.grad_first_step_lr <= 0):
+        if self.inner_init == "grad_step" and (self.grad_first_step_lr is None or self.grad_first_step_lr <= 0):
             raise ValueError(
-                "NoraConfig: inner_init='grad_step' and outer_init='grad' scale their start by the first step's lr; "
-                "set grad_first_step_lr > 0 (LoRA-SB: lr / warmup_steps)."
+                "NoraConfig: inner_init='grad_step' starts at the truncated first update, scaled by the first step's "
+                "lr; set grad_first_step_lr > 0 (LoRA-SB: lr / warmup_steps)."
             )
         if self.grad_scale <= 0:
             raise ValueError(f"NoraConfig: grad_scale must be > 0, got {self.grad_scale}.")

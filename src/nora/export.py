@@ -6,22 +6,24 @@ import os
 
 import torch
 from peft import LoraConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from peft.utils.other import ModulesToSaveWrapper
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
 from .io import atomic_dir
-from .model import nora_layers
+from .model import NoraModel, nora_layers
 
 _PEFT_PREFIX = "base_model.model."
+#: NoraConfig.bias -> the LoraConfig.bias that trains and saves the same biases
+_LORA_BIAS = {"none": "none", "all": "all", "nora_only": "lora_only"}
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The LoRA equivalent of a NoRA adapter: lora_A = A'A (k x n), lora_B = s B B' (m x k), lora_alpha = r = k.
 
     PEFT's LoRA scaling is lora_alpha / r = 1, so base + lora_B @ lora_A reproduces NoRA's output exactly (up to
-    float rounding). k = r_inner (r for structure='adapter').
+    float rounding). k = r_inner (r for structure='adapter'). modules_to_save and biases trained with bias='all' /
+    'nora_only' are carried over (LoraConfig bias 'all' / 'lora_only').
     """
     configs = getattr(model, "peft_config", {})
     if adapter_name not in configs:
@@ -45,16 +47,17 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
     if not state:
         raise ValueError(f"export_lora: the model has no NoRA layers for adapter {adapter_name!r}.")
     (rank,) = ranks
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for pname, param in module.modules_to_save[adapter_name].named_parameters():
-                state[f"{name}.{pname}"] = param.detach().contiguous()
+    # everything PEFT saves besides NoRA's own tensors (modules_to_save, trained biases) is keyed exactly as a LoRA
+    # adapter with the same modules_to_save / bias saves it, so take it from PEFT's own selection
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+        if not key.rsplit(".", 1)[-1].startswith(NoraModel.prefix):
+            state[key] = value.detach().contiguous()
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,
-        bias="none",
+        bias=_LORA_BIAS[config.bias],
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
         modules_to_save=config.modules_to_save,

@@ -4,7 +4,9 @@ Outer factors (frozen):  W (m x n) ~= B (m x r) @ A (r x n)
     svd:    B = U_r Sigma_r,  A = V_r^T
     awsvd:  SVD of W S with S = diag(s_j),  B = U_r Sigma_r,  A = V_r^T S^-1
     random: Gaussian factors with the scale of the SVD ones (ablation)
-Inner factors (trained): see `init_inner`.
+With outer_scaling="orthonormal" Sigma stays out of the frozen factors: svd B = U_r, A = V_r^T; awsvd B = U_r,
+A = V_r^T S^-1 (the orthonormal factors of the scaled problem W S); random B, A with orthonormal columns / rows.
+Inner factors (trained): see `init_inner`; the gradient-informed ones live in `nora.gradient_init`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import AUTO_FULL_MAX_DIM, INNER_INITS, OUTER_INITS, SVD_METHODS
+from .config import AUTO_FULL_MAX_DIM, GRAD_INNER_INITS, INNER_INITS, OUTER_INITS, OUTER_SCALINGS, SVD_METHODS
 
 
 class OuterFactors(NamedTuple):
@@ -131,14 +133,17 @@ def activation_scale(mean_abs: torch.Tensor, alpha: float, eps: float) -> torch.
     return stats.clamp_min(eps * peak).pow(alpha)
 
 
-def outer_svd(weight: torch.Tensor, r: int, **svd_kwargs) -> OuterFactors:
-    """B = U_r Sigma_r, A = V_r^T from a truncated SVD of W (float32)."""
+def outer_svd(weight: torch.Tensor, r: int, orthonormal: bool = False, **svd_kwargs) -> OuterFactors:
+    """B = U_r Sigma_r (orthonormal: B = U_r), A = V_r^T from a truncated SVD of W (float32)."""
     U, S, Vh = truncated_svd(weight, r, **svd_kwargs)
-    return OuterFactors(U * S, Vh, S)
+    return OuterFactors(U if orthonormal else U * S, Vh, S)
 
 
-def outer_awsvd(weight: torch.Tensor, scale: torch.Tensor, r: int, **svd_kwargs) -> OuterFactors:
-    """Activation-aware SVD: SVD of W S, B = U_r Sigma_r, A = V_r^T S^-1 (so B A ~= W, weighted by S)."""
+def outer_awsvd(
+    weight: torch.Tensor, scale: torch.Tensor, r: int, orthonormal: bool = False, **svd_kwargs
+) -> OuterFactors:
+    """Activation-aware SVD: SVD of W S, B = U_r Sigma_r, A = V_r^T S^-1 (so B A ~= W, weighted by S).
+    orthonormal: B = U_r, A = V_r^T S^-1, the orthonormal factors of the scaled problem (B A S = U_r V_r^T)."""
     if scale.shape != (weight.shape[1],):
         raise ValueError(
             f"AwSVD scale has shape {tuple(scale.shape)} but the weight has {weight.shape[1]} input channels."
@@ -146,31 +151,50 @@ def outer_awsvd(weight: torch.Tensor, scale: torch.Tensor, r: int, **svd_kwargs)
     dtype = svd_kwargs.get("dtype", torch.float32)
     s = scale.to(device=weight.device, dtype=dtype)
     U, S, Vh = truncated_svd(weight.to(dtype) * s, r, **svd_kwargs)
-    return OuterFactors(U * S, Vh / s, S)
+    return OuterFactors(U if orthonormal else U * S, Vh / s, S)
 
 
-def outer_random(weight: torch.Tensor, r: int, seed: int = 0) -> OuterFactors:
-    """Gaussian outer factors with the Frobenius scale of the SVD factors (rows of A ~ unit norm)."""
+def outer_random(weight: torch.Tensor, r: int, seed: int = 0, orthonormal: bool = False) -> OuterFactors:
+    """Gaussian outer factors with the Frobenius scale of the SVD factors (rows of A ~ unit norm); orthonormal: the
+    Q factors of the same Gaussians (orthonormal columns of B and rows of A)."""
     m, n = weight.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rms_sigma = weight.detach().float().norm() / math.sqrt(min(m, n))
     A = torch.randn(r, n, generator=gen) / math.sqrt(n)
     B = torch.randn(m, r, generator=gen) * (rms_sigma / math.sqrt(m))
+    if orthonormal:
+        B, A = torch.linalg.qr(B).Q, torch.linalg.qr(A.T).Q.T
     return OuterFactors(B.to(weight.device), A.to(weight.device), torch.full((r,), float(rms_sigma)))
 
 
 def init_outer(
-    weight: torch.Tensor, r: int, method: str, scale: torch.Tensor | None = None, seed: int = 0, **svd_kwargs
+    weight: torch.Tensor,
+    r: int,
+    method: str,
+    scale: torch.Tensor | None = None,
+    seed: int = 0,
+    outer_scaling: str = "sigma",
+    **svd_kwargs,
 ) -> OuterFactors:
-    """Dispatch on `outer_init`; `weight` is (out, in) = (m, n)."""
+    """Dispatch on `outer_init` and `outer_scaling`; `weight` is (out, in) = (m, n)."""
+    if outer_scaling not in OUTER_SCALINGS:
+        raise ValueError(
+            f"unknown outer_scaling={outer_scaling!r}; valid values are {', '.join(map(repr, OUTER_SCALINGS))}."
+        )
+    orthonormal = outer_scaling == "orthonormal"
     if method == "svd":
-        return outer_svd(weight, r, seed=seed, **svd_kwargs)
+        return outer_svd(weight, r, orthonormal=orthonormal, seed=seed, **svd_kwargs)
     if method == "awsvd":
         if scale is None:
             raise ValueError("outer_init='awsvd' needs activation statistics: call nora.calibrate(...) first.")
-        return outer_awsvd(weight, scale, r, seed=seed, **svd_kwargs)
+        return outer_awsvd(weight, scale, r, orthonormal=orthonormal, seed=seed, **svd_kwargs)
     if method == "random":
-        return outer_random(weight, r, seed=seed)
+        return outer_random(weight, r, seed=seed, orthonormal=orthonormal)
+    if method == "grad":
+        raise ValueError(
+            "outer_init='grad' factors come from the task's gradient: call nora.gradient_init(model, batches) after "
+            "get_peft_model (it replaces the placeholders)."
+        )
     raise ValueError(f"unknown outer_init={method!r}; valid values are {', '.join(map(repr, OUTER_INITS))}.")
 
 
@@ -182,7 +206,11 @@ def init_inner(
     zeros:      B' = 0, A' ~ N(0, std^2)          -> dW = 0 exactly (for 'adapter': R = 0)
     gaussian:   B', A' ~ N(0, std^2)
     uniform:    B', A' ~ U(-sqrt(3) std, sqrt(3) std)  (same variance as gaussian)
-    sqrt_sigma: sqrt(sigma_i) on the diagonals (seed 000), zeros elsewhere
+    sqrt_sigma: sqrt(sigma_i) on the diagonals (seed 000), zeros elsewhere. With outer_scaling="orthonormal"
+                (B = U_r, A = V_r^T) this is seed 000's parametrisation, dW = U_r' Sigma_r' V_r'^T: the model starts
+                at W + W_r', i.e. with the top r' singular values of W doubled (not an identity). With the default
+                B = U_r Sigma_r it starts at W + U_r' Sigma_r'^2 V_r'^T, far from the base model.
+    grad, grad_step: zero placeholders; `nora.gradient_init` computes them from the task's gradient.
     """
 
     def empty(shape):
@@ -190,7 +218,10 @@ def init_inner(
 
     inner_B, inner_A = empty(shape_B), (empty(shape_A) if shape_A is not None else None)
     tensors = [t for t in (inner_B, inner_A) if t is not None]
-    if method == "zeros":
+    if method in GRAD_INNER_INITS:
+        for t in tensors:
+            t.zero_()
+    elif method == "zeros":
         inner_B.zero_()
         if inner_A is not None:
             inner_A.normal_(0.0, std)

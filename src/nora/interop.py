@@ -37,7 +37,9 @@ def load_diffusers_adapter(
 
     file = os.path.join(path, weight_name) if os.path.isdir(path) else os.fspath(path)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"load_diffusers_adapter: {file} does not exist; pass the save_lora_adapter directory.")
+        raise FileNotFoundError(
+            f"load_diffusers_adapter: {file} does not exist; pass the save_lora_adapter directory."
+        )
     with safe_open(file, framework="pt") as fh:
         metadata = fh.metadata() or {}
     raw = metadata.get(DIFFUSERS_METADATA_KEY)

@@ -117,7 +117,7 @@ class NoraLayer(BaseTunerLayer):
 
         from_checkpoint = getattr(config, "_from_checkpoint", False)
         on_meta = weight.device.type == "meta"
-        skip_init = on_meta or from_checkpoint
+        skip_init = on_meta or from_checkpoint or config.outer_init == "grad"  # grad: nora.gradient_init fills it
         self._outer_pending.pop(adapter_name, None)
         if from_checkpoint:
             self._outer_pending[adapter_name] = (
@@ -130,6 +130,11 @@ class NoraLayer(BaseTunerLayer):
                 "The base model was on the meta device when the adapter was created, so no SVD could run. Call "
                 "get_peft_model on the model after its weights are loaded, or load a saved adapter with "
                 "PeftModel.from_pretrained(base, adapter_dir)."
+            )
+        elif config.needs_gradient_init:
+            self._outer_pending[adapter_name] = (
+                f"outer_init={config.outer_init!r} / inner_init={config.inner_init!r} are computed from the task's "
+                "gradient: call nora.gradient_init(model, batches) after get_peft_model and before training."
             )
         if skip_init:
             # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.
@@ -158,6 +163,7 @@ class NoraLayer(BaseTunerLayer):
                 config.outer_init,
                 scale=scale,
                 seed=seed,
+                outer_scaling=config.outer_scaling,
                 svd_method=config.svd_method,
                 niter=config.svd_niter,
                 oversample=config.svd_oversample,

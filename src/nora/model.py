@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import mixed_batch
 from .config import NoraConfig
-from .fingerprint import mismatch, weight_fingerprint
+from .fingerprint import apply_fingerprint_policy, weight_fingerprint
 from .layer import Linear, NoraLayer
 from .quantized import describe, read_weight_mn, resolve_backend
 
@@ -143,16 +143,12 @@ class NoraModel(BaseTuner):
         if not getattr(config, "_from_checkpoint", False):
             config.base_fingerprint = {**(config.base_fingerprint or {}), key: actual}
             return
-        expected = (config.base_fingerprint or {}).get(key)
-        if expected is None or not config.check_base_fingerprint:
+        full_file = getattr(config, "save_outer_factors", True)
+        if not config.check_base_fingerprint or (full_file and getattr(config, "_base_mismatch_warned", False)):
             return
-        problem = mismatch(expected, actual)
-        if problem:
-            raise ValueError(
-                f"NoRA adapter does not fit this base model: module {key!r}: {problem}. Load the base model the "
-                "adapter was trained on. To load it anyway: cfg = NoraConfig.from_pretrained(adapter_dir); "
-                "cfg.check_base_fingerprint = False; PeftModel.from_pretrained(base, adapter_dir, config=cfg)."
-            )
+        expected = (config.base_fingerprint or {}).get(key)
+        # full file: warn (once per adapter) and load; compact file: refuse; other shapes: refuse
+        config._base_mismatch_warned = apply_fingerprint_policy(key, expected, actual, full_file=full_file)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
