@@ -3,6 +3,7 @@
     nora train --model smollm2-135m --data commonsense --method nora --max-steps 50 --out runs/cs50
     nora eval --adapter runs/cs50 --task arc-easy --limit 200 --out runs/cs50/eval_arc.json
     nora export --adapter runs/cs50 --to lora --out runs/cs50-lora
+    nora export --adapter runs/cs50 --to gguf --out runs/cs50.gguf     # llama.cpp LoRA (Llama bases)
     nora demo
     nora bench params
 
@@ -111,10 +112,10 @@ def _add_eval_parser(sub) -> None:
 
 
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="adapter -> plain PEFT LoRA adapter, or merged model")
+    p = sub.add_parser("export", help="adapter -> plain PEFT LoRA adapter, llama.cpp LoRA GGUF, or merged model")
     p.add_argument("--adapter", required=True)
-    p.add_argument("--to", required=True, choices=("lora", "merged"))
-    p.add_argument("--out", required=True)
+    p.add_argument("--to", required=True, choices=("lora", "merged", "gguf"))
+    p.add_argument("--out", required=True, help="a directory (lora, merged) or a .gguf file path (gguf)")
     p.add_argument("--model", default=None, help="base model (default: recorded by the adapter)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.set_defaults(command="export")

@@ -1,4 +1,5 @@
-"""`nora export`: a trained adapter as a plain PEFT LoRA adapter (NoRA / LoRA-XS only) or as a merged model."""
+"""`nora export`: a trained adapter as a plain PEFT LoRA adapter or a llama.cpp LoRA GGUF (NoRA / LoRA-XS only), or
+as a merged model."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import json
 from pathlib import Path
 
 from .. import PEFT_TYPE, export_lora, export_merged
+from ..export_gguf import export_gguf
 from . import HarnessError
 from .evaluate import resolve_base_model
 from .models import load_model
 
-TARGETS = ("lora", "merged")
+TARGETS = ("lora", "merged", "gguf")
 
 
 def run_export(adapter: str, to: str, out: str, model: str | None = None, dtype: str = "float32") -> str:
@@ -21,16 +23,21 @@ def run_export(adapter: str, to: str, out: str, model: str | None = None, dtype:
     if not config_file.is_file():
         raise HarnessError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json).")
     peft_type = json.loads(config_file.read_text()).get("peft_type")
-    if to == "lora" and peft_type != PEFT_TYPE:
+    if to in ("lora", "gguf") and peft_type != PEFT_TYPE:
         raise HarnessError(
-            f"--to lora converts NoRA adapters; {adapter} is a {peft_type} adapter (use --to merged, or use it as is)."
+            f"--to {to} converts NoRA adapters; {adapter} is a {peft_type} adapter (use --to merged, or use it as is)."
         )
+    if to == "gguf" and Path(out).is_dir():
+        raise HarnessError(f"--to gguf writes one file; --out {out} is a directory. Pass a file path such as "
+                           f"{Path(out) / 'adapter.gguf'}.")  # fmt: skip
     from peft import PeftModel
 
     base, tokenizer = load_model(resolve_base_model(model, adapter), dtype=dtype)
     peft_model = PeftModel.from_pretrained(base, adapter)
     if to == "lora":
         export_lora(peft_model, out)
+    elif to == "gguf":
+        export_gguf(peft_model, out)
     else:
         export_merged(peft_model, out, tokenizer)
     return out
