@@ -95,21 +95,21 @@ def test_gguf_write_is_atomic(tmp_path, monkeypatch):
 
 def test_export_gguf_refuses_a_non_llama_base(tmp_path):
     model = get_peft_model(M.build("gpt2"), nora.NoraConfig(r=8, r_inner=4, target_modules=["c_attn"]))
-    with pytest.raises(ValueError, match="supports Llama-architecture bases .* this base is 'gpt2'"):
+    with pytest.raises(ValueError, match=r"supports Llama-architecture bases .* this base is 'gpt2'"):
         export_gguf(model, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 
 
 def test_export_gguf_refuses_modules_to_save(tmp_path):
     model = _nora_llama(modules_to_save=["lm_head"])
-    with pytest.raises(ValueError, match="modules_to_save .* cannot carry them"):
+    with pytest.raises(ValueError, match=r"modules_to_save .* cannot carry them"):
         export_gguf(model, tmp_path / "a.gguf")
 
 
 def test_export_gguf_refuses_trained_biases(tmp_path):
     model = _nora_llama()
     model.peft_config["default"].bias = "all"  # as a bias-training adapter records it
-    with pytest.raises(ValueError, match="trains biases .* cannot carry them"):
+    with pytest.raises(ValueError, match=r"trains biases .* cannot carry them"):
         export_gguf(model, tmp_path / "a.gguf")
 
 
@@ -180,7 +180,9 @@ def test_cli_export_gguf_of_a_non_nora_adapter(tiny_llama_dir, tmp_path, capsys)
 
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "lora")
-    assert main(["export", "--adapter", str(tmp_path / "lora"), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 2
+    assert (
+        main(["export", "--adapter", str(tmp_path / "lora"), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 2
+    )
     assert "--to gguf converts NoRA adapters" in capsys.readouterr().err
 
 
