@@ -144,8 +144,6 @@ def gradient_init(
     the base model (adapters disabled), with every parameter frozen, in eval mode unless `train_mode=True`
     (LoRA-SB keeps dropout on). Batches are averaged; `max_batches` stops early.
     """
-    from .model import nora_layers
-
     own = getattr(model, "peft_config", {}).get(adapter_name)
     if own is None:
         raise ValueError(
@@ -160,8 +158,43 @@ def gradient_init(
             f"outer_init={config.outer_init!r}, which need no gradient; use inner_init='grad'/'grad_step' or "
             "outer_init='grad'."
         )
-    layers = [(name, layer) for name, layer in nora_layers(model) if adapter_name in layer.nora_inner_B]
     full = config.grad_estimator == "sign"
+    grads = accumulate_gradients(model, batches, adapter_name=adapter_name, full=full, max_batches=max_batches,
+                                 loss_fn=loss_fn, train_mode=train_mode, progress=progress)  # fmt: skip
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    facts = {}
+    for name, layer in _adapter_layers(model, adapter_name):
+        factors, facts[name] = _layer_factors(layer, adapter_name, config, grads[name], full)
+        for tensor in factors.values():
+            if distributed:  # one rank's singular vectors for all (their signs can differ between devices)
+                torch.distributed.broadcast(tensor, src=0)
+        _write(layer, adapter_name, factors)
+    return facts
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str):
+    from .model import nora_layers
+
+    return [(name, layer) for name, layer in nora_layers(model) if adapter_name in layer.nora_inner_B]
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    adapter_name: str = "default",
+    full: bool = False,
+    max_batches: int | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    train_mode: bool = False,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Mean over batches, at the base model, of G_hat = B^T G A^T (r x r) per NoRA layer of `adapter_name`, or of
+    the m x n gradient G itself (`full=True`); float32, all-reduced (SUM of sums and batch counts) under
+    torch.distributed. Every parameter's requires_grad, the adapters' enabled state and train/eval are restored."""
+    layers = _adapter_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"nora.gradient_init: no NoRA layer holds adapter {adapter_name!r}.")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     disabled = {name: layer._disable_adapters for name, layer in layers}
     was_training = model.training
@@ -218,21 +251,12 @@ def gradient_init(
             f"nora.gradient_init: {len(missing)} adapted modules got no gradient (e.g. {missing[0]!r}); make sure "
             "the loss depends on them, or exclude them via exclude_modules."
         )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    count = torch.tensor([float(seen)], dtype=torch.float32, device=next(iter(sums.values())).device)
-    if distributed:
+    count = torch.tensor([float(seen)], device=next(iter(sums.values())).device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(count)
-    facts = {}
-    for name, layer in layers:
-        total = sums[name]
-        if distributed:
-            torch.distributed.all_reduce(total)
-        factors, facts[name] = _layer_factors(layer, adapter_name, config, total / count, full)
-        for tensor in factors.values():
-            if distributed:  # one rank's singular vectors for all (their signs can differ between devices)
-                torch.distributed.broadcast(tensor, src=0)
-        _write(layer, adapter_name, factors)
-    return facts
+        for name, _ in layers:  # the same order on every rank
+            torch.distributed.all_reduce(sums[name])
+    return {name: total / count for name, total in sums.items()}
 
 
 def _layer_factors(layer, adapter: str, config: NoraConfig, grad: torch.Tensor, full: bool):
