@@ -25,7 +25,7 @@ def test_defaults():
     assert cfg.peft_type == nora.PEFT_TYPE == "NORA"
     assert cfg.bias == "none" and cfg.nora_dropout == 0.0 and cfg.init_weights
     assert cfg.check_base_fingerprint and cfg.base_fingerprint is None
-    assert cfg.format_version == FORMAT_VERSION == 1
+    assert cfg.format_version == FORMAT_VERSION == 2
     assert not cfg._from_checkpoint
 
 

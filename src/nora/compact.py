@@ -238,11 +238,36 @@ def restore_outer(model, config: NoraConfig, adapter: str, state_dict: dict) -> 
                 f"NoRA compact adapter file lacks the AwSVD channel scales of module {module!r} ({name}.nora_scale): "
                 "it is truncated. Re-save the adapter."
             )
-        B, A = _restore_module(layer, config, module, scale, record_A, record_B)
+        twin = _verified_twin(layer, adapter, config, getattr(model, "peft_config", {}), scale, record_A, record_B)
+        if twin is not None:  # an identical outer factorisation is already loaded: no SVD (nora.sharing shares it)
+            B, A = layer.nora_B[twin], layer.nora_A[twin]
+        else:
+            B, A = _restore_module(layer, config, module, scale, record_A, record_B)
         out[f"{name}.nora_B.{adapter}"], out[f"{name}.nora_A.{adapter}"] = B, A
         state = layer.__dict__.setdefault(_STATE_ATTR, {})
         state[adapter] = {"scale": None if scale is None else scale.detach().float().cpu(), "float64": True}
     return out
+
+
+def _verified_twin(layer, adapter, config, configs: dict, scale, record_A, record_B) -> str | None:
+    """Another adapter of `layer` with the same outer settings (and AwSVD scales) whose B, A pass this record."""
+    from .sharing import outer_settings
+
+    pending = getattr(layer, "_outer_pending", {})
+    for other in layer.nora_B:
+        if other == adapter or other in pending or other not in configs:
+            continue
+        state = _state(layer, other)
+        if not state["float64"] or outer_settings(configs[other]) != outer_settings(config):
+            continue
+        if (scale is None) != (state["scale"] is None):
+            continue
+        if scale is not None and not torch.equal(scale.detach().float().cpu(), state["scale"]):
+            continue
+        B, A = layer.nora_B[other], layer.nora_A[other]
+        if sketch_residual(B, A, record_A, record_B) <= verify_tolerance(B.dtype):
+            return other
+    return None
 
 
 def _find(state_dict: dict, key: str) -> str | None:

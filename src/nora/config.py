@@ -37,7 +37,8 @@ class NoraPeftType(str):
 
 
 PEFT_TYPE = NoraPeftType("NORA")
-FORMAT_VERSION = 1
+#: 2 (issue 21): compact files (save_outer_factors=False); version-1 files are full files and keep loading
+FORMAT_VERSION = 2
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
 BIASES = ("none", "all", "nora_only")
