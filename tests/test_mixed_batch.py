@@ -152,6 +152,17 @@ def test_outer_factor_equality_cache_sees_in_place_changes():
     assert mixed_batch.outer_classes(layer, ["x", "y"]) == [["x", "y"]]
 
 
+def test_cached_row_matrices_follow_new_inner_factors():
+    """The per-row inner matrices are cached between no-grad calls; an in-place update (a hotswap, an optimizer step)
+    must be seen by the next call."""
+    model = multi_adapter_model(names=("x", "y"))
+    batch = M.inputs("llama", batch=3)
+    names = ["x", "y", "y"]
+    assert_rows_match(model, batch, names)
+    randomize_inner(model, seed=7)  # copy_ into the same parameters
+    assert_rows_match(model, batch, names)
+
+
 def generate_each(model, batch, names, **kwargs):
     out = []
     for i, name in enumerate(names):

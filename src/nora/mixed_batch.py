@@ -225,22 +225,18 @@ def outer_classes(layer, adapters: list[str]) -> list[list[str]]:
     return classes
 
 
-def _plan(
-    layer, adapter: str, dtype: torch.dtype
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(shared pre, per-adapter row matrices, shared post), each applied as x -> x @ M^T in order."""
-    B, A = layer.nora_B[adapter].to(dtype), layer.nora_A[adapter].to(dtype)
+def _row_matrices(layer, adapter: str) -> list[torch.Tensor]:
+    """The adapter's own small matrices of the shared path, each applied as h -> h @ M^T in order (between the shared
+    outer products: nested/adapter: A x ... B u; parallel: A x ...; output: B A x ...)."""
     inner_B, inner_A = layer.nora_inner_B[adapter], layer.nora_inner_A.get(adapter)
     s = layer.scaling[adapter]
     structure = layer.structure[adapter]
     if structure == "nested":  # B (s B' A') A
-        return [A], [s * (inner_B @ inner_A)], [B]
+        return [s * (inner_B @ inner_A)]
     if structure == "adapter":  # B (s R) A
-        return [A], [s * inner_B], [B]
-    if structure == "parallel":  # (s C) A' A
-        return [A], [inner_A, s * inner_B], []
-    if structure == "output":  # (s B') A' B A
-        return [A, B], [inner_A, s * inner_B], []
+        return [s * inner_B]
+    if structure in ("parallel", "output"):  # (s C) A' A  and  (s B') A' B A
+        return [inner_A, s * inner_B]
     raise ValueError(f"unknown structure {structure!r}")
 
 
@@ -267,18 +263,39 @@ def _plan_shapes(layer, adapter: str) -> tuple[int, int, int]:
     }[layer.structure[adapter]]
 
 
+def _row_stacks(layer, cls: list[str], row_adapter: list[int], dtype, device) -> list[torch.Tensor]:
+    """Per stage, the rows' own small matrices stacked as (rows, in, out) for torch.bmm. Without autograd they are
+    cached on the layer until an inner factor changes (in-place version counter), so a decode step pays no folding."""
+    params = [t for a in cls for t in (layer.nora_inner_B[a], layer.nora_inner_A.get(a)) if t is not None]
+    key = None
+    if not torch.is_grad_enabled():
+        try:
+            key = (tuple(cls), tuple(row_adapter), dtype, tuple((id(t), t._version) for t in params))
+            key += tuple(layer.scaling[a] for a in cls)
+        except RuntimeError:  # inference tensors have no version counter
+            key = None
+        cached = layer.__dict__.get("_nora_row_stacks")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+    plans = [[m.to(dtype) for m in _row_matrices(layer, a)] for a in cls]
+    index = torch.as_tensor(row_adapter, device=device)
+    stacks = [torch.stack([plan[stage].T for plan in plans])[index] for stage in range(len(plans[0]))]
+    if key is not None:
+        layer.__dict__["_nora_row_stacks"] = (key, stacks)  # one entry per layer: the last batch layout
+    return stacks
+
+
 def _shared_delta(layer, x: torch.Tensor, row_adapter: list[int], cls: list[str]) -> torch.Tensor:
     """The adapter term of rows x (rows, .., n) whose adapters (cls[row_adapter[i]]) share outer factors."""
     dtype = layer.nora_inner_B[cls[0]].dtype
-    plans = [_plan(layer, a, dtype) for a in cls]
-    pre, _, post = plans[0]
-    index = torch.as_tensor(row_adapter, device=x.device)
+    B, A = layer.nora_B[cls[0]].to(dtype), layer.nora_A[cls[0]].to(dtype)
+    structure = layer.structure[cls[0]]
+    pre, post = {"nested": ([A], [B]), "adapter": ([A], [B]), "parallel": ([A], []), "output": ([A, B], [])}[structure]
     h = layer._cast_input_dtype(x, dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, t, n)
     for mat in pre:
         h = F.linear(h, mat)  # (rows, t, r) [then (rows, t, m) for 'output']
-    for stage in range(len(plans[0][1])):
-        per_adapter = torch.stack([plan[1][stage].T for plan in plans])  # (adapters, in, out)
-        h = torch.bmm(h, per_adapter[index])  # each row by its own adapter's small matrix
+    for per_row in _row_stacks(layer, cls, row_adapter, dtype, x.device):
+        h = torch.bmm(h, per_row)  # each row by its own adapter's small matrix
     for mat in post:
         h = F.linear(h, mat)  # (rows, t, m)
     return h.reshape(*x.shape[:-1], h.shape[-1])
