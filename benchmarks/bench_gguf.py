@@ -8,7 +8,8 @@ harness's safetensors cache holds), cached once under nora's model cache. The ad
 q,k,v,o,gate,up,down with seeded Gaussian inner factors of a fixed std (so its effect is large and known). llama.cpp is
 queried step by step: for each prefix of the 32-token prompt, one completion request (n_predict=1, n_probs=5) returns
 the top-5 log-probs of the next token (from the raw logits), which we compare with PyTorch's log-softmax at the same
-token ids. The negative control writes the same factors with adapter.lora.alpha doubled (scale 2x).
+token ids. Negative controls: the same factors written with adapter.lora.alpha doubled (scale 2x), and written
+without llama.cpp's q/k row permutation.
 """
 
 from __future__ import annotations
@@ -174,6 +175,22 @@ def effect(with_adapter, without) -> float:
     return float((with_adapter.gather(1, ids) - without.gather(1, ids)).abs().max())
 
 
+def hf_row_order(model, tensors: dict) -> dict:
+    """The second negative control: attn_q / attn_k lora_b put back in the HF row order (transformers' own inverse
+    of llama.cpp's rotary permutation), i.e. the export without its q/k permutation."""
+    import torch
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    config = model.config
+    undo = LlamaTensorProcessor(config={})._reverse_permute_weights
+    out = dict(tensors)
+    for name, value in tensors.items():
+        for part, n_kv in (("attn_q", config.num_attention_heads), ("attn_k", config.num_key_value_heads)):
+            if name.endswith(f"{part}.weight.lora_b"):
+                out[name] = torch.from_numpy(undo(value.numpy(), config.num_attention_heads, n_kv).copy())
+    return out
+
+
 def run_check(model, tokens: list[int], base_gguf: Path, work_dir: Path, threads: int = 1) -> dict:
     """Side by side in one process: llama.cpp base / adapter / wrong-alpha adapter vs PyTorch+PEFT."""
     from nora.export_gguf import export_gguf, gguf_lora_tensors, write_gguf_lora
@@ -181,9 +198,12 @@ def run_check(model, tokens: list[int], base_gguf: Path, work_dir: Path, threads
     adapter = Path(export_gguf(model, work_dir / "adapter.gguf"))
     tensors, rank = gguf_lora_tensors(model)
     wrong = Path(write_gguf_lora(work_dir / "adapter_alpha2x.gguf", tensors, alpha=2 * rank))
+    unpermuted = Path(write_gguf_lora(work_dir / "adapter_qk_hf_order.gguf", hf_row_order(model, tensors), rank))
     ours, ours_base = torch_logprobs(model, tokens), torch_logprobs(model, tokens, adapter=False)
     cells = {}
-    for cell, lora, ref in (("base", None, ours_base), ("adapter", adapter, ours), ("alpha_doubled", wrong, ours)):
+    runs = (("base", None, ours_base), ("adapter", adapter, ours), ("alpha_doubled", wrong, ours),
+            ("qk_not_permuted", unpermuted, ours))  # fmt: skip
+    for cell, lora, ref in runs:
         start = time.perf_counter()
         top = llamacpp_top(base_gguf, tokens, lora=lora, threads=threads)
         cells[cell] = {

@@ -221,3 +221,9 @@ def test_llamacpp_serves_the_export_like_peft(llamacpp_check):
 def test_llamacpp_check_fails_for_a_wrong_alpha(llamacpp_check):
     """Negative control: the same factors written with adapter.lora.alpha doubled (scale 2x) fail the check."""
     assert llamacpp_check["llamacpp"]["alpha_doubled"]["max_abs_delta_logprob"] > 10 * llamacpp_check["tolerance"]
+
+
+@pytest.mark.slow
+def test_llamacpp_check_fails_without_the_qk_permutation(llamacpp_check):
+    """Negative control: q/k lora_b left in HF row order (not llama.cpp's rotary order) fail the check."""
+    assert llamacpp_check["llamacpp"]["qk_not_permuted"]["max_abs_delta_logprob"] > 10 * llamacpp_check["tolerance"]
