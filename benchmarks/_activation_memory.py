@@ -137,7 +137,7 @@ def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
     reset_ok = _reset_peak()
 
     def step(record=False):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         if record:
@@ -150,10 +150,10 @@ def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
         loss.backward()
         if opt is not None:
             opt.step()
-        return time.perf_counter() - start, saved, float(loss.detach())
+        return time.perf_counter() - start, time.process_time() - cpu_start, saved, float(loss.detach())
 
-    first_s, saved, loss0 = step(record=True)
-    times = [step()[0] for _ in range(timed)]
+    first_s, first_cpu_s, saved, loss0 = step(record=True)
+    timed_steps = [step() for _ in range(timed)]
     return {
         "cell": cell,
         "method": method,
@@ -161,7 +161,9 @@ def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
         "saved_bytes": saved,
         "tokens": batch * seq,
         "first_step_s": first_s,
-        "times": times,
+        "first_step_cpu_s": first_cpu_s,
+        "times": [t[0] for t in timed_steps],
+        "cpu_times": [t[1] for t in timed_steps],
         "loss_first": loss0,
         "setup_peak_mb": setup_peak,
         "train_peak_mb": _rss_mb(),
@@ -191,8 +193,10 @@ def summarize(records: list[dict]) -> list[dict]:
         for r in recs:
             by.setdefault(r["method"], []).append(r)
 
-        def med_time(m, by=by):
-            ts = [t for r in by.get(m, []) for t in r["times"]] or [r["first_step_s"] for r in by.get(m, [])]
+        def med_time(m, key="cpu_times", by=by):
+            """Median over the timed steps (the recorded first step only when a cell has none)."""
+            first = {"cpu_times": "first_step_cpu_s", "times": "first_step_s"}[key]
+            ts = [t for r in by.get(m, []) for t in r[key]] or [r[first] for r in by.get(m, [])]
             return _common.median(ts) if ts else None
 
         floor_saved = by["floor"][0]["saved_bytes"] if "floor" in by else None
@@ -202,7 +206,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 continue
             first = by[m][0]
             above = first["saved_bytes"] - floor_saved if floor_saved is not None else None
-            t, t_folded = med_time(m), med_time("nora_folded")
+            t, t_folded, t_lora64 = med_time(m), med_time("nora_folded"), med_time("lora_64")
             peaks = [r["train_peak_mb"] for r in by[m]]
             rows.append(
                 {
@@ -216,9 +220,11 @@ def summarize(records: list[dict]) -> list[dict]:
                     "above_floor_vs_lora16": above / lora_above if above is not None and lora_above else None,
                     "train_peak_mb": _common.median(peaks),
                     "train_peak_mb_all": peaks,
-                    "step_s": t,
+                    "step_cpu_s": t,
+                    "step_wall_s": med_time(m, "times"),
                     "step_samples": sum(len(r["times"]) for r in by[m]) or len(by[m]),
                     "vs_folded": t / t_folded if t and t_folded else None,
+                    "vs_lora64": t / t_lora64 if t and t_lora64 else None,
                 }
             )
     return rows
@@ -237,8 +243,9 @@ def render(rows: list[dict]) -> str:
             mb(r["saved_above_floor_bytes"]),
             "-" if r["above_floor_vs_lora16"] is None else f"{r['above_floor_vs_lora16']:.3f}",
             f"{r['train_peak_mb']:,.0f}",
-            "-" if r["step_s"] is None else f"{r['step_s']:.2f} (n={r['step_samples']})",
+            f"{r['step_cpu_s']:.2f} / {r['step_wall_s']:.2f} (n={r['step_samples']})",
             "-" if r["vs_folded"] is None else f"{r['vs_folded']:.3f}",
+            "-" if r["vs_lora64"] is None else f"{r['vs_lora64']:.3f}",
         ]
         for r in rows
     ]
@@ -250,12 +257,12 @@ def render(rows: list[dict]) -> str:
         "above floor MiB",
         "above floor / LoRA r=16's",
     ]
-    headers += ["train peak RSS MB", "step s (median)", "step / NoRA folded"]
+    headers += ["train peak RSS MB", "step CPU s / wall s (medians)", "CPU / NoRA folded", "CPU / LoRA r=64"]
     return _common.markdown_table(headers, table)
 
 
 def run(args) -> int:
-    out_path = _common.RESULTS_DIR / f"{BENCH}.json"
+    out_path = _common.RESULTS_DIR / f"{BENCH}{args.tag}.json"
     records: list[dict] = []
     if args.resume and out_path.exists():
         records = _common.read_json(out_path).get("records", [])
@@ -289,6 +296,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--timed", type=int, default=1, help="timed steps per process after the recorded step")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the results JSON")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the output JSON (results/efficiency_activation_memory{tag}.json)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
