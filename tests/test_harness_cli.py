@@ -270,7 +270,10 @@ def test_missing_adapter_and_unknown_bench(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------ torchrun
 def test_torchrun_two_processes(tiny_llama_dir, tiny_task_dir, tmp_path):
     out = tmp_path / "ddp"
+    # --batch-size 1: every calibration batch is one example in both the 2-process and the 1-process run, so the
+    # activations are computed on the same shapes and the all-reduced AwSVD statistics are the 1-process ones
     argv = _train_argv(tiny_llama_dir, tiny_task_dir, out, "--max-steps", "2", "--outer-init", "awsvd")
+    argv[argv.index("--batch-size") + 1] = "1"
     argv[argv.index("--r")] = "--nora-r"  # torchrun's own parser rejects a bare --r as ambiguous
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nora.cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -280,3 +283,14 @@ def test_torchrun_two_processes(tiny_llama_dir, tiny_task_dir, tmp_path):
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out)
     assert model.peft_config["default"].outer_init == "awsvd"
+    digests = metrics["outer_sha256"]
+    assert len(digests) == 2 and all(isinstance(d, str) and len(d) == 64 for d in digests)
+    one = [tmp_path / "one" if a == str(out) else a for a in argv]
+    one[one.index("--max-steps") + 1] = "1"
+    proc = subprocess.run([sys.executable, "-m", "nora.cli", *map(str, one)], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert single["world_size"] == 1 and len(single["outer_sha256"]) == 1
+    assert digests[0] == digests[1], "the two ranks built different frozen factors"
+    assert digests[0] == single["outer_sha256"][0], "2 processes built other frozen factors than 1 process"

@@ -33,6 +33,7 @@ from ..io import atomic_dir, atomic_path, replace_dir, write_json
 from ..model import count_trainable, default_target_modules
 from . import HarnessError
 from .data import Fields, as_cloze_training, load_task
+from .digest import rank_digests
 from .models import load_model
 from .prompts import IGNORE_INDEX, PadCollator, PromptBuilder, encode_all, response_positions
 from .runinfo import peak_rss_mb, versions, write_run_config
@@ -411,6 +412,7 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         set_seed(args.seed)
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
+    outer_sha256 = rank_digests(model)  # every rank's frozen factors, before DDP broadcasts rank 0's buffers
     # rank 0 saves the final adapter, so it alone keeps PiSSA's initial adapter for the conversion (save_final_model)
     init_dir = Path(tempfile.mkdtemp(prefix="nora-pissa-init-")) if args.method == "pissa" and rank == 0 else None
     pissa_init = save_pissa_init(model, init_dir) if init_dir is not None else None
@@ -442,6 +444,7 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
 
     metrics = collect_metrics(args, trainer, recorder, model, peft_config, data_stats, calibration)
     metrics.update(resumed_from=resume_from, train_loss_mean=result.training_loss, world_size=world)
+    metrics["outer_sha256"] = outer_sha256
     metrics["total_seconds"] = round(time.perf_counter() - t0, 2)
     if trainer.is_world_process_zero():
         write_outputs(out, args, metrics)
