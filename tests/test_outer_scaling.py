@@ -57,6 +57,8 @@ def test_unknown_outer_scaling_is_refused():
         nora.NoraConfig(outer_scaling="unit")
     with pytest.raises(ValueError, match=r"unknown outer_scaling='unit'"):
         init_outer(random_matrix(4, 4), 2, "svd", outer_scaling="unit")
+    with pytest.raises(ValueError, match=r"call nora.gradient_init\(model, batches\) after get_peft_model"):
+        init_outer(random_matrix(4, 4), 2, "grad")
 
 
 def test_orthonormal_outer_keeps_identity_at_init_and_buffers_are_orthonormal():
