@@ -299,3 +299,19 @@ def test_saved_bytes_of_a_frozen_input():
     low, _ = saved_bytes(model, lambda: model(x))
     assert low == 4 * (T_TOKENS * R + M_OUT * K)
     copy.deepcopy(model)  # a low-path model stays deep-copyable (no autograd state is kept on the layer)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_low_path_matches_one_folded_process(mode, tmp_path, monkeypatch):
+    """tests/dist/worker.py: 2 processes (DDP, or FSDP2 fully_shard per layer) on the low path train the same adapter
+    as 1 process on the folded path (tolerances of tests/test_distributed.py)."""
+    from test_distributed import LOSS_ATOL, WORKER_ADAPTER_ATOL, assert_same_adapter, run_worker
+
+    monkeypatch.setenv("NORA_ACTIVATION_MEMORY", "folded")
+    ref = run_worker("ddp", tmp_path / "folded", distributed=False)
+    monkeypatch.setenv("NORA_ACTIVATION_MEMORY", "low")
+    got = run_worker(mode, tmp_path / "low", distributed=True)
+    assert got["world"] == 2 and got["mode"] == mode
+    assert got["losses"] == pytest.approx(ref["losses"], abs=LOSS_ATOL, rel=0)
+    assert_same_adapter(tmp_path / "folded", tmp_path / "low", WORKER_ADAPTER_ATOL)

@@ -29,6 +29,8 @@ GLOBAL_BATCH = 4
 LR = 5.0
 LAYERS = 2
 CONFIG = {"r": 8, "r_inner": 4, "init_weights": False, "svd_method": "randomized", "inner_init_std": 0.1}
+if os.environ.get("NORA_ACTIVATION_MEMORY"):  # tests/test_lowmem.py: "low" / "folded" (else the config's default)
+    CONFIG["activation_memory"] = os.environ["NORA_ACTIVATION_MEMORY"]
 
 
 def build(inner_seed: int = 1000):
