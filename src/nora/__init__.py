@@ -11,6 +11,7 @@ from .calibration import calibrate, reconstruction_report, set_calibration
 from .config import PEFT_TYPE, NoraConfig
 from .export import export_lora, export_merged, lora_state_dict
 from .gradient_init import gradient_init
+from .hotswap import hotswap_adapter
 from .layer import Linear, NoraLayer
 from .model import DEFAULT_TARGET_MODULES, DIFFUSERS_UNET_TARGET_MODULES, NoraModel
 from .quantized import dequantize_base
@@ -33,6 +34,7 @@ __all__ = [
     "export_lora",
     "export_merged",
     "gradient_init",
+    "hotswap_adapter",
     "lora_state_dict",
     "reconstruction_report",
     "register",
