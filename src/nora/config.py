@@ -164,7 +164,8 @@ class NoraConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Std of the random inner factors. None: 0.1 for A' of inner_init='zeros' (with Adam the first "
-            "updates of B' scale with |A'|; 0.1 beat 0.02 on every seed in benchmarks/RESULTS.md section 4), "
+            "updates of B' scale with |A'|; 0.1 beat 0.02 on every seed of the encoder sentiment task in "
+            "benchmarks/RESULTS.md section 4, and lost at the same lr on the decoder and multiple choice), "
             "0.02 for 'gaussian'/'uniform' (both factors random, so their product perturbs W at init)."
         },
     )
