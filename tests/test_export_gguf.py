@@ -100,6 +100,12 @@ def test_export_gguf_refuses_a_non_llama_base(tmp_path):
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_export_gguf_refuses_a_model_without_a_transformers_config(tmp_path):
+    model = get_peft_model(M.OneLinear(8, 8), nora.NoraConfig(r=4, r_inner=2, target_modules=["lin"]))
+    with pytest.raises(ValueError, match=r"has no transformers config \(model.config.model_type\)"):
+        export_gguf(model, tmp_path / "a.gguf")
+
+
 def test_export_gguf_refuses_modules_to_save(tmp_path):
     model = _nora_llama(modules_to_save=["lm_head"])
     with pytest.raises(ValueError, match=r"modules_to_save .* cannot carry them"):
