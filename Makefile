@@ -4,7 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test demo lint format clean
+# lowest versions pyproject.toml declares and `make test-min` verifies (torch: the local CPU wheel, see README)
+PEFT_MIN ?= 0.21.0
+TRANSFORMERS_MIN ?= 4.56.2
+TORCH_MIN ?= $(TORCH_VERSION)
+MIN_VENV ?= /tmp/nora-minenv
+MIN_TESTS := tests/test_config.py tests/test_layer.py tests/test_export.py tests/test_peft_matrix.py \
+	tests/test_bias.py tests/test_fingerprint_policy.py tests/test_ecosystem.py
+
+.PHONY: install test test-min test-wheel demo lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +29,19 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# a fresh venv with the lowest declared peft / transformers (and torch $(TORCH_MIN)), runs the core tests
+test-min:
+	rm -rf $(MIN_VENV)
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q torch==$(TORCH_MIN)
+	$(MIN_VENV)/bin/pip install -q "peft==$(PEFT_MIN)" "transformers==$(TRANSFORMERS_MIN)" -e . pytest hypothesis
+	$(MIN_VENV)/bin/python -c "import peft, torch, transformers as t; print('test-min:', torch.__version__, t.__version__, peft.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q $(MIN_TESTS)
+
+# a newcomer's path: wheel -> fresh venv with [harness] -> nora train + nora eval on a tiny local model (~3 min)
+test-wheel: install
+	NORA_TEST_WHEEL=1 $(BIN)/python -m pytest -q tests/test_wheel.py
 
 demo: install
 	$(BIN)/nora demo

@@ -163,6 +163,7 @@ def test_auto_peft_model_for_sequence_classification(tmp_path):
 
 
 def test_diffusers_unet_add_adapter_save_and_reload(tmp_path):
+    pytest.importorskip("diffusers", reason="diffusers is in the dev extra (make test-min installs core deps only)")
     unet = M.fresh("unet")
     batch = M.inputs("unet")
     with torch.no_grad():
@@ -191,6 +192,7 @@ def test_diffusers_unet_add_adapter_save_and_reload(tmp_path):
 
 
 def test_load_diffusers_adapter_refuses_a_lora_file(tmp_path):
+    pytest.importorskip("diffusers", reason="diffusers is in the dev extra (make test-min installs core deps only)")
     from peft import LoraConfig
 
     unet = M.fresh("unet")
@@ -198,6 +200,25 @@ def test_load_diffusers_adapter_refuses_a_lora_file(tmp_path):
     unet.save_lora_adapter(tmp_path / "lora", adapter_name="lora")
     with pytest.raises(ValueError, match=r"holds no NoRA config.*load_lora_adapter"):
         load_diffusers_adapter(M.fresh("unet"), tmp_path / "lora")
+
+
+def test_load_diffusers_adapter_missing_file_and_foreign_tensors(tmp_path):
+    pytest.importorskip("diffusers", reason="diffusers is in the dev extra (make test-min installs core deps only)")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(FileNotFoundError, match=r"load_diffusers_adapter: .*pytorch_lora_weights.safetensors does not"):
+        load_diffusers_adapter(M.fresh("unet"), tmp_path)
+    unet = M.fresh("unet")
+    unet.add_adapter(_cfg(target_modules=["to_q"]), adapter_name="nora")
+    unet.save_lora_adapter(tmp_path, adapter_name="nora")
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(file, framework="pt") as fh:
+        metadata = fh.metadata()
+    state = load_file(file)
+    save_file({**state, "no_such_block.to_q.nora_inner_A": torch.zeros(4, 8)}, file, metadata=metadata)
+    with pytest.raises(ValueError, match=r"1 tensors of .* do not fit this model, e.g. no_such_block"):
+        load_diffusers_adapter(M.fresh("unet"), tmp_path, adapter_name="nora")
 
 
 def test_inject_adapter_in_model_and_state_dict_round_trip():
