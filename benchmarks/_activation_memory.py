@@ -50,6 +50,9 @@ CELLS = {
     "smollm2:256": ("smollm2", 4, 256),
     "smollm2:1024": ("smollm2", 4, 1024),
     "smollm2:2048": ("smollm2", 4, 2048),
+    # batch 1: what fits beside the other jobs of a shared 23 GB, 2-core machine (4 x 2048 needs > 10 GB per process)
+    "smollm2:1x1024": ("smollm2", 1, 1024),
+    "smollm2:1x2048": ("smollm2", 1, 2048),
     "llama8b-block:512": ("llama8b-block", 1, 512),
 }
 BLOCK = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
@@ -182,6 +185,34 @@ def run_cell_process(cell: str, method: str, args) -> dict:
     raise RuntimeError(f"worker {cell} {method} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def step_flops(method: str, cell: str) -> float:
+    """Analytic FLOPs of one step (bench_efficiency.flops for the base and LoRA; the NoRA paths and LoRA-FA here)."""
+    import bench_efficiency as be
+
+    model_name, batch, seq = CELLS[cell]
+    if model_name == "smollm2":
+        dims = be.smollm2_dims()
+    else:
+        cfg = {**BLOCK, "num_hidden_layers": 1, "vocab_size": 256, "tie_word_embeddings": False}
+        dims = be.model_dims(cfg)
+    base = be.flops("floor", batch, seq, dims=dims)["total"]
+    if method == "floor":
+        return base
+    if method.startswith("lora_"):
+        return be.flops(method, batch, seq, dims=dims)["total"]
+    T, L = batch * seq, dims["layers"]
+    extra = 0
+    for m, n in dims["shapes"].values():
+        if method == "lorafa_16":  # LoRA r=16 without d lora_A = du x^T
+            extra += 6 * T * 16 * (m + n) - 2 * T * 16 * n
+        elif method == "nora_folded":  # the rank-k LoRA product + the folds (see bench_efficiency.flops)
+            extra += 6 * T * 32 * (m + n) + 4 * 64 * 32 * (m + n)
+        elif method == "nora_low":  # fwd z, u, out; bwd u again, du, d left, d M, dx (module docstring of nora.lowmem)
+            r, k = 64, 32
+            extra += 2 * T * (r * n + 3 * k * r + 3 * m * k + k * n) + 4 * r * k * m + 2 * k * r * n
+    return base + L * extra
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (cell, method): saved MB, above the floor, vs LoRA r=16 above the floor, peak, step medians."""
     rows = []
@@ -206,7 +237,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 continue
             first = by[m][0]
             above = first["saved_bytes"] - floor_saved if floor_saved is not None else None
-            t, t_folded, t_lora64 = med_time(m), med_time("nora_folded"), med_time("lora_64")
+            t, t_folded, t_lora64, t_floor = (med_time(x) for x in (m, "nora_folded", "lora_64", "floor"))
             peaks = [r["train_peak_mb"] for r in by[m]]
             rows.append(
                 {
@@ -225,6 +256,10 @@ def summarize(records: list[dict]) -> list[dict]:
                     "step_samples": sum(len(r["times"]) for r in by[m]) or len(by[m]),
                     "vs_folded": t / t_folded if t and t_folded else None,
                     "vs_lora64": t / t_lora64 if t and t_lora64 else None,
+                    "flop_ratio": step_flops(m, cell) / step_flops("floor", cell),
+                    "vs_flop_floor": (t / t_floor) / (step_flops(m, cell) / step_flops("floor", cell))
+                    if t and t_floor
+                    else None,
                 }
             )
     return rows
@@ -246,6 +281,7 @@ def render(rows: list[dict]) -> str:
             f"{r['step_cpu_s']:.2f} / {r['step_wall_s']:.2f} (n={r['step_samples']})",
             "-" if r["vs_folded"] is None else f"{r['vs_folded']:.3f}",
             "-" if r["vs_lora64"] is None else f"{r['vs_lora64']:.3f}",
+            "-" if r["vs_flop_floor"] is None else f"{r['vs_flop_floor']:.3f}",
         ]
         for r in rows
     ]
@@ -257,7 +293,13 @@ def render(rows: list[dict]) -> str:
         "above floor MiB",
         "above floor / LoRA r=16's",
     ]
-    headers += ["train peak RSS MB", "step CPU s / wall s (medians)", "CPU / NoRA folded", "CPU / LoRA r=64"]
+    headers += [
+        "train peak RSS MB",
+        "step CPU s / wall s (medians)",
+        "CPU / NoRA folded",
+        "CPU / LoRA r=64",
+        "/ own FLOP floor",
+    ]
     return _common.markdown_table(headers, table)
 
 
