@@ -207,7 +207,9 @@ def test_load_diffusers_adapter_missing_file_and_foreign_tensors(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    with pytest.raises(FileNotFoundError, match=r"load_diffusers_adapter: .*pytorch_lora_weights.safetensors does not"):
+    with pytest.raises(
+        FileNotFoundError, match=r"load_diffusers_adapter: .*pytorch_lora_weights.safetensors does not"
+    ):
         load_diffusers_adapter(M.fresh("unet"), tmp_path)
     unet = M.fresh("unet")
     unet.add_adapter(_cfg(target_modules=["to_q"]), adapter_name="nora")

@@ -254,8 +254,10 @@ class NoraConfig(PeftConfig):
     check_base_fingerprint: bool = field(
         default=True,
         metadata={
-            "help": "On load, refuse a base model whose adapted weights differ from base_fingerprint. Set False "
-            "to load onto a different base model deliberately."
+            "help": "On load, compare the base with base_fingerprint (nora.fingerprint.apply_fingerprint_policy): "
+            "a full file (outer factors stored) onto a different base warns once and loads; a compact file "
+            "(save_outer_factors=False) refuses it; other shapes always refuse. False skips the check (no warning; "
+            "a compact file then rebuilds its outer factors from whatever base it is given)."
         },
     )
     save_outer_factors: bool = field(
