@@ -80,17 +80,44 @@ def _is_plain_tensor(weight) -> bool:
 
 
 class NoraBnb4bitBackend(Bnb4bitBackend):
-    """bitsandbytes 4-bit; `dequantize` decodes straight into float32 (not through the storage/compute dtype)."""
+    """bitsandbytes 4-bit; `dequantize` decodes straight into float32 (not through the storage/compute dtype).
 
-    def dequantize(self, base: nn.Module) -> torch.Tensor:
+    On AVX512-BF16 CPUs an inference forward (eval, no grad) repacks the weight in place for bitsandbytes' CPU
+    kernel, rounding the block scales to bfloat16; it is read back through bitsandbytes' inverse of that packing.
+    """
+
+    @staticmethod
+    def _unpacked(base: nn.Module):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = base.weight.data, base.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            packed_absmax = state.absmax  # (n / blocksize, m) bfloat16: the packing transposed it
+            data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+            if not state.nested:  # bitsandbytes 0.50's inverse restores nested scales only; undo the transpose
+                state.absmax = packed_absmax.T.reshape(-1).float()
+        return data, state
+
+    def dequantize(self, base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        state = copy.copy(base.weight.quant_state)
-        state.dtype = torch.float32
-        return bnb.functional.dequantize_4bit(base.weight.data, state)
+        data, state = self._unpacked(base)
+        state = copy.copy(state)
+        state.dtype = dtype
+        return bnb.functional.dequantize_4bit(data, state)
+
+    def get_base_weight(self, base: nn.Module) -> torch.Tensor:
+        return self.dequantize(base, self.dtype(base))
+
+    def set_base_weight(self, peft_layer, weight_data: torch.Tensor) -> None:
+        weight = peft_layer.get_base_layer().weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # requantize from the plain layout
+            weight.data, weight.quant_state = self._unpacked(peft_layer.get_base_layer())
+        super().set_base_weight(peft_layer, weight_data)
 
     def dtype(self, base: nn.Module) -> torch.dtype:
-        return base.weight.quant_state.dtype
+        state = base.weight.quant_state
+        return getattr(state, "original_dtype", None) or state.dtype  # the CPU packing keeps the original here
 
 
 class NoraBnb8bitBackend(Bnb8bitBackend):
@@ -264,15 +291,11 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     for module in model.modules():
         if isinstance(module, NoraLayer):
             module.quantization_backend = None
-    for inner in (
-        model,
-        getattr(model, "base_model", None),
-        getattr(getattr(model, "base_model", None), "model", None),
-    ):
-        quantizer = getattr(inner, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(inner)
-        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-            if getattr(inner, flag, False):
-                setattr(inner, flag, False)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # the transformers model
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(inner)  # a float model now: save_pretrained writes no quant config
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(inner, flag, False):
+            setattr(inner, flag, False)
     return model

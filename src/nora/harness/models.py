@@ -190,20 +190,26 @@ def load_model(
     task: str = "causal_lm",
     dtype: str | torch.dtype = "float32",
     num_labels: int | None = None,
+    quantize: str | None = None,
 ):
-    """(model, tokenizer) for a known short name or a local directory; `task` is "causal_lm" or "seq_cls"."""
+    """(model, tokenizer) for a known short name or a local directory; `task` is "causal_lm" or "seq_cls";
+    `quantize` one of nora.harness.quantize.SCHEMES for a quantized (QLoRA-style) base."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .quantize import from_pretrained_kwargs, quantize_linears
 
     if task not in TASKS:
         raise HarnessError(f"unknown task {task!r}; use one of {', '.join(TASKS)}.")
     path = resolve_model_dir(name_or_path)
-    kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True}
+    kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True, **from_pretrained_kwargs(quantize)}
     if task == "seq_cls":
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantize == "hqq4":  # transformers' HqqConfig needs a GPU: quantize the loaded model's linear layers
+        quantize_linears(model, quantize, skip=("lm_head", "score", "classifier"))
     tokenizer = load_tokenizer(path)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -64,8 +64,9 @@ def _quantized_linear(linear: nn.Linear, scheme: str) -> nn.Module:
             quant_type=quant_type, quant_storage=storage, device="cpu",
         )  # fmt: skip
         layer.weight = bnb.nn.Params4bit(
-            linear.weight.data.cpu().clone(), requires_grad=False, quant_type=quant_type, quant_storage=storage
-        )
+            linear.weight.data.cpu().clone(), requires_grad=False, quant_type=quant_type, quant_storage=storage,
+            compress_statistics=False,  # as transformers' default bnb_4bit_use_double_quant=False
+        )  # fmt: skip
     elif scheme == "int8":
         import bitsandbytes as bnb
 
@@ -77,12 +78,12 @@ def _quantized_linear(linear: nn.Linear, scheme: str) -> nn.Module:
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
         config = BaseQuantizeConfig(nbits=4, group_size=HQQ_GROUP_SIZE)
-        return HQQLinear(linear, config, compute_dtype=linear.weight.dtype, device=str(device))
+        return HQQLinear(linear, config, compute_dtype=linear.weight.dtype, device=str(device)).train(linear.training)
     else:
         raise HarnessError(f"unknown quantization scheme {scheme!r}")
     if bias is not None:
         layer.bias = nn.Parameter(bias.data.clone(), requires_grad=False)
-    return layer.to(device)  # bitsandbytes quantizes on the move
+    return layer.to(device).train(linear.training)  # bitsandbytes quantizes on the move
 
 
 def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
