@@ -12,7 +12,7 @@ MIN_VENV ?= /tmp/nora-minenv
 MIN_TESTS := tests/test_config.py tests/test_layer.py tests/test_export.py tests/test_peft_matrix.py \
 	tests/test_bias.py tests/test_fingerprint_policy.py tests/test_ecosystem.py
 
-.PHONY: install test test-min test-wheel demo lint format clean
+.PHONY: install test test-min test-wheel demo mutation lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-wheel: install
 
 demo: install
 	$(BIN)/nora demo
+
+# mutation testing of the core modules (not part of `make test`; ~1 h on 2 cores): benchmarks/results/mutation.json
+mutation: install
+	$(BIN)/nora bench mutation
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
