@@ -261,3 +261,45 @@ def test_mixed_batch_modules_to_save_passthrough():
     wrapper.enable_adapters(False)
     with pytest.raises(ValueError, match=r"have their own copy of a modules_to_save module"):
         model(**M.inputs("llama", batch=2), adapter_names=["x", "__base__"])
+
+
+def activate(model, name):
+    """Layer-level set_adapter / disable (transformers' own model.set_adapter needs peft >= 0.22)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(name is not None)
+            if name is not None:
+                module.set_adapter(name)
+
+
+def test_transformers_load_adapter_integration(tmp_path):
+    """A transformers model with NoRA adapters from `model.load_adapter` (no PeftModel) takes adapter_names too; its
+    forward would otherwise swallow the argument in **kwargs and give every row the active adapter."""
+    source = multi_adapter_model(names=("x", "y"))
+    source.save_pretrained(tmp_path)  # tmp_path / "x", tmp_path / "y"
+    model = M.build("llama", num_hidden_layers=2)
+    model.load_adapter(str(tmp_path / "x"), adapter_name="x")
+    model.load_adapter(str(tmp_path / "y"), adapter_name="y")
+    model.eval()
+    batch = M.inputs("llama", batch=3)
+    names = ["y", "__base__", "x"]
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=names).logits
+        own = {}
+        for name in ("x", "y"):
+            activate(model, name)
+            own[name] = model(**batch).logits
+        activate(model, None)
+        own["__base__"] = model(**batch).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], own[name][i], atol=1e-6, rtol=0)
+    assert (own["x"] - own["y"]).abs().max() > 1e-2
+    with torch.no_grad():  # the hooks of the mixed call are gone: a plain call is the active adapter again
+        activate(model, "x")
+        torch.testing.assert_close(model(**batch).logits, own["x"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) 'typo'"):
+        model(**batch, adapter_names=["x", "typo", "y"])
+    with torch.no_grad():  # a refused call leaves no hooks behind either
+        torch.testing.assert_close(model(**batch).logits, own["x"], atol=0, rtol=0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -139,8 +139,9 @@ def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]
     expanded = [n for n in names for _ in range(expand)]  # generate repeats each row `expand` times, in place
     modules = [m for m in tuner.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
     handles = [_hook_for(m, expanded) for m in modules]
-    encoder = tuner.model.get_encoder() if hasattr(tuner.model, "get_encoder") else None
-    if expand > 1 and encoder is not None and encoder is not tuner.model:
+    root = tuner.model if isinstance(tuner, BaseTuner) else tuner
+    encoder = root.get_encoder() if hasattr(root, "get_encoder") else None
+    if expand > 1 and encoder is not None and encoder is not root:
         # an encoder-decoder's encoder runs once on the original rows; the later hook overrides the expanded names
         for m in encoder.modules():
             if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
@@ -150,6 +151,36 @@ def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+_CONTEXTS = "_nora_mixed_batch_contexts"
+
+
+def _base_pre_hook(module, args, kwargs):
+    """`base_model(..., adapter_names=[...])` without PeftModel (transformers' `load_adapter` integration): the
+    model's own forward would swallow the argument in its **kwargs, so handle it here as PeftModel does."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return None
+    ctx = forward_hooks(module, *args, adapter_names=names, **kwargs)
+    ctx.__enter__()
+    module.__dict__.setdefault(_CONTEXTS, []).append(ctx)
+    return args, kwargs
+
+
+def _base_post_hook(module, args, kwargs, output):  # always_call: runs even when the forward raised
+    stack = module.__dict__.get(_CONTEXTS)
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def guard_base_model(model: nn.Module) -> None:
+    """Let the base model itself take `adapter_names` (once per model; NoraModel.inject_adapter calls this)."""
+    if getattr(model, "_nora_mixed_batch_guard", False):
+        return
+    model.register_forward_pre_hook(_base_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_base_post_hook, with_kwargs=True, always_call=True)
+    model._nora_mixed_batch_guard = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class NoraModel(BaseTuner):
         from . import compact
 
         compact.remember_model(model, adapter_name, self.peft_config[adapter_name])
+        mixed_batch.guard_base_model(model)  # `adapter_names=` on the bare base model (transformers' load_adapter)
 
     def _create_and_replace(
         self, nora_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
