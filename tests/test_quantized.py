@@ -326,7 +326,72 @@ def test_smollm2_quantized_by_transformers(scheme, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(load_model("smollm2-135m", quantize=scheme)[0], tmp_path)
     torch.testing.assert_close(logits(reloaded, batch), tuned, rtol=0, atol=1e-5)
-    merged = nora.dequantize_base(copy.deepcopy(reloaded) if scheme != "int8" else reloaded).merge_and_unload()
+    quantized_train = logits(reloaded.train(), batch)  # nf4: the float32 path, not the bf16 inference kernel
+    dequantized = nora.dequantize_base(reloaded)
+    unmerged = logits(dequantized, batch)
+    merged = dequantized.merge_and_unload()
     assert not hasattr(merged.config, "quantization_config")
     # logits of ~10-30: float32 rounding of the merged weight, summed over 30 layers
-    torch.testing.assert_close(logits(merged, batch), tuned, rtol=0, atol=1e-3)
+    torch.testing.assert_close(logits(merged, batch), unmerged, rtol=0, atol=1e-3)
+    if scheme != "int8":  # weight-only schemes compute x @ dequant(W); LLM.int8 also quantizes the activations
+        torch.testing.assert_close(logits(merged, batch), quantized_train, rtol=0, atol=1e-3)
+
+
+# ---- harness: nora train / eval / export --quantize -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama directory with hidden 64 (fits bitsandbytes' CPU 4-bit kernel; see _llama)."""
+    from conftest import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama64")
+    build_tiny_llama(tiny_tokenizer, hidden=64, layers=1).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_cli_train_eval_export_on_a_4bit_base(tiny_llama64_dir, tiny_task_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from nora.cli import main
+    from nora.harness.models import load_model
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_llama64_dir), "--data", str(tiny_task_dir / "train.json"), "--out", str(out)]
+    tiny = ["--r", "8", "--r-inner", "4", "--batch-size", "4", "--no-progress", "--max-steps", "2", "--lr", "1e-2"]
+    assert main([*argv, *tiny, "--quantize", "nf4"]) == 0
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_quantization"]
+    assert recorded["quant_method"] == "bitsandbytes" and recorded["bnb_4bit_quant_type"] == "nf4"
+    evaluate = ["eval", "--adapter", str(out), "--task", str(tiny_task_dir / "test.json"), "--protocol", "loglik"]
+    assert main([*evaluate, "--no-progress"]) == 2  # the adapter records a quantized base: --quantize is required
+    assert "was trained on a quantized base" in capsys.readouterr().err
+    assert main([*evaluate, "--no-progress", "--quantize", "nf4", "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["quantize"] == "nf4"
+    merged_dir = tmp_path / "merged"
+    assert (
+        main(["export", "--adapter", str(out), "--to", "merged", "--out", str(merged_dir), "--quantize", "nf4"]) == 0
+    )
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not hasattr(merged.config, "quantization_config")
+    quantized = PeftModel.from_pretrained(load_model(tiny_llama64_dir, quantize="nf4")[0], out).train()  # fp32 path
+    tokens = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(logits(merged.train(), {"input_ids": tokens}), logits(quantized, {"input_ids": tokens}),
+                               rtol=0, atol=MERGE_ATOL)  # fmt: skip
+
+
+def test_cli_refuses_a_full_fine_tune_of_a_quantized_base(tiny_llama64_dir, tiny_task_dir, tmp_path, capsys):
+    from nora.cli import main
+
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama64_dir),
+        "--data",
+        str(tiny_task_dir / "train.json"),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*argv, "--method", "full", "--quantize", "nf4", "--no-progress"]) == 2
+    assert "--method full trains every weight" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .harness import HarnessError
+from .harness.quantize import SCHEMES as QUANTIZE_SCHEMES
 
 
 def _csv(text: str) -> list[str]:
@@ -37,6 +38,8 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", default=None, help="system message for chat templates (default: the template's)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--quantize", default=None, choices=QUANTIZE_SCHEMES, help="a quantized (QLoRA-style) base: "
+                   "nf4/fp4/int8 (bitsandbytes), torchao-int8, hqq4; eval/export an adapter with the same flag")  # fmt: skip
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); on a "
                    "busy shared machine fewer threads are often faster")  # fmt: skip
 
@@ -118,6 +121,8 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--out", required=True, help="a directory (lora, merged) or a .gguf file path (gguf)")
     p.add_argument("--model", default=None, help="base model (default: recorded by the adapter)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_SCHEMES, help="the quantized base the adapter was "
+                   "trained on; --to merged then dequantizes it and merges exactly")  # fmt: skip
     p.set_defaults(command="export")
 
 
@@ -212,6 +217,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         out=args.out,
         dtype=args.dtype,
+        quantize=args.quantize,
         system_prompt=args.system_prompt,
         fields=Fields(args.prompt_field, args.response_field, args.input_field, args.answer_field),
         seed=args.seed,
@@ -223,7 +229,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .harness.export import run_export
 
-    out = run_export(args.adapter, args.to, args.out, model=args.model, dtype=args.dtype)
+    out = run_export(args.adapter, args.to, args.out, model=args.model, dtype=args.dtype, quantize=args.quantize)
     print(f"nora export: wrote {args.to} to {out}")
     return 0
 

@@ -22,6 +22,7 @@ from . import HarnessError
 from .data import Example, Fields, cloze_view, load_task
 from .models import load_model
 from .prompts import PromptBuilder
+from .quantize import check_adapter_base
 from .runinfo import peak_rss_mb, read_run_config, versions
 from .scoring import accuracy, extract_choice, extract_number, generate, numbers_match, option_logprobs
 
@@ -108,7 +109,7 @@ def resolve_base_model(model: str | None, adapter: str | None) -> str:
     raise HarnessError("which model? pass --model NAME (e.g. smollm2-135m) or an --adapter directory that records it.")
 
 
-def load_for_eval(model: str | None, adapter: str | None, dtype: str = "float32"):
+def load_for_eval(model: str | None, adapter: str | None, dtype: str = "float32", quantize: str | None = None):
     """(model, tokenizer, description): a base model, a base model + PEFT adapter, or a full model directory."""
     if adapter and not Path(adapter).is_dir():
         raise HarnessError(f"adapter directory {adapter} does not exist.")
@@ -118,8 +119,9 @@ def load_for_eval(model: str | None, adapter: str | None, dtype: str = "float32"
             return loaded, tokenizer, {"model": adapter}
         raise HarnessError(f"{adapter} holds neither adapter_config.json (PEFT adapter) nor config.json (model).")
     base_name = resolve_base_model(model, adapter)
-    loaded, tokenizer = load_model(base_name, dtype=dtype)
-    info = {"model": base_name}
+    check_adapter_base(adapter, quantize)
+    loaded, tokenizer = load_model(base_name, dtype=dtype, quantize=quantize)
+    info = {"model": base_name, **({"quantize": quantize} if quantize else {})}
     if adapter:
         from peft import PeftModel  # NoRA is registered: importing nora.harness imported nora
 
@@ -142,6 +144,7 @@ def run_eval(
     fields: Fields | None = None,
     seed: int = 0,
     options: EvalOptions | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on each task; prints a table and writes the JSON report to `out` (if given). Returns the report."""
     options = options or EvalOptions()
@@ -154,7 +157,7 @@ def run_eval(
         task_examples[task] = examples[:limit] if limit else examples
     if adapter and system_prompt is None:
         system_prompt = read_run_config(adapter).get("system_prompt")
-    loaded, tokenizer, info = load_for_eval(model, adapter, dtype)
+    loaded, tokenizer, info = load_for_eval(model, adapter, dtype, quantize)
     builder = PromptBuilder(tokenizer, system_prompt=system_prompt)
     report: dict[str, Any] = {**info, "accuracy": {}, "predictions": {}, "versions": versions()}
     start = time.perf_counter()

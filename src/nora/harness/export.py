@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import PEFT_TYPE, export_lora, export_merged
+from .. import PEFT_TYPE, dequantize_base, export_lora, export_merged
 from ..export_gguf import export_gguf
 from . import HarnessError
 from .evaluate import resolve_base_model
 from .models import load_model
+from .quantize import check_adapter_base
 
 TARGETS = ("lora", "merged", "gguf")
 
 
-def run_export(adapter: str, to: str, out: str, model: str | None = None, dtype: str = "float32") -> str:
-    """Export `adapter` (loaded onto its base model) to `out`; returns `out`."""
+def run_export(
+    adapter: str, to: str, out: str, model: str | None = None, dtype: str = "float32", quantize: str | None = None
+) -> str:
+    """Export `adapter` (loaded onto its base model, quantized with `quantize` if it was trained on one) to `out`;
+    `--to merged` of a quantized base dequantizes it first, so the merge is exact. Returns `out`."""
     if to not in TARGETS:
         raise HarnessError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}.")
     config_file = Path(adapter) / "adapter_config.json"
@@ -32,8 +36,11 @@ def run_export(adapter: str, to: str, out: str, model: str | None = None, dtype:
                            f"{Path(out) / 'adapter.gguf'}.")  # fmt: skip
     from peft import PeftModel
 
-    base, tokenizer = load_model(resolve_base_model(model, adapter), dtype=dtype)
+    check_adapter_base(adapter, quantize)
+    base, tokenizer = load_model(resolve_base_model(model, adapter), dtype=dtype, quantize=quantize)
     peft_model = PeftModel.from_pretrained(base, adapter)
+    if quantize and to == "merged":
+        dequantize_base(peft_model)  # float layers holding the dequantized weights: W_deq + dW, no requantization
     if to == "lora":
         export_lora(peft_model, out)
     elif to == "gguf":

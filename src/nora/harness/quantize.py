@@ -102,3 +102,20 @@ def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm
             if type(child) is nn.Linear and not any(s in name for s in skip):
                 setattr(parent, name, _quantized_linear(child, scheme))
     return model
+
+
+def check_adapter_base(adapter: str | None, scheme: str | None) -> None:
+    """An adapter trained on a quantized base (its adapter_config records base_quantization) is loaded onto the same
+    quantized base: refuse a missing --quantize with the fix instead of a fingerprint mismatch."""
+    import json
+    from pathlib import Path
+
+    config_file = Path(adapter) / "adapter_config.json" if adapter else None
+    if scheme is not None or config_file is None or not config_file.is_file():
+        return
+    recorded = json.loads(config_file.read_text()).get("base_quantization")
+    if recorded:
+        raise HarnessError(
+            f"{adapter} was trained on a quantized base ({recorded.get('backend', recorded)}); load the same base "
+            f"with --quantize ({', '.join(SCHEMES)}: the one used for nora train)."
+        )

@@ -391,7 +391,11 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         examples = examples[: args.limit]
     if args.response_format == "cloze":
         examples = [as_cloze_training(ex) for ex in examples]
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    quantize = getattr(args, "quantize", None)
+    if quantize and args.method == "full":
+        raise HarnessError(f"--quantize {quantize} freezes a quantized base; --method full trains every weight. Use "
+                           "an adapter method (nora, lora, ...) or drop --quantize.")  # fmt: skip
+    model, tokenizer = load_model(args.model, dtype=args.dtype, quantize=quantize)
     builder = PromptBuilder(tokenizer, system_prompt=args.system_prompt)
     features, data_stats = encode_all(examples, builder, args.max_length)
     if not features:
