@@ -11,7 +11,9 @@ test asserts the adapted output differs from the base by far more than the toler
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -76,6 +78,8 @@ def test_peft_type_reads_like_a_peft_enum_member():
     assert {cfg.peft_type: 1}["NORA"] == 1 and hash(cfg.peft_type) == hash("NORA")
     assert json.loads(json.dumps({"peft_type": cfg.peft_type})) == {"peft_type": "NORA"}
     assert cfg.peft_type.value.lower() == "nora"  # transformers' load_adapter marks adapter keys with this
+    for copied in (pickle.loads(pickle.dumps(cfg.peft_type)), copy.deepcopy(cfg.peft_type)):
+        assert isinstance(copied, NoraPeftType) and copied.value == "NORA"
 
 
 @pytest.fixture
