@@ -326,14 +326,17 @@ def test_smollm2_quantized_by_transformers(scheme, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(load_model("smollm2-135m", quantize=scheme)[0], tmp_path)
     torch.testing.assert_close(logits(reloaded, batch), tuned, rtol=0, atol=1e-5)
-    quantized_train = logits(reloaded.train(), batch)  # nf4: the float32 path, not the bf16 inference kernel
+    quantized_train = logits(reloaded.train(), batch)
     dequantized = nora.dequantize_base(reloaded)
     unmerged = logits(dequantized, batch)
     merged = dequantized.merge_and_unload()
     assert not hasattr(merged.config, "quantization_config")
     # logits of ~10-30: float32 rounding of the merged weight, summed over 30 layers
     torch.testing.assert_close(logits(merged, batch), unmerged, rtol=0, atol=1e-3)
-    if scheme != "int8":  # weight-only schemes compute x @ dequant(W); LLM.int8 also quantizes the activations
+    # and the dequantized model is the quantized one where the backend computes x @ dequant(W) in float32: torchao
+    # weight-only. Not bnb int8 (LLM.int8 quantizes the activations too), nor bnb 4-bit after an inference forward on
+    # an AVX512-BF16 CPU (repacked: it computes in bfloat16 from then on; the tiny-model matrix above covers 4-bit)
+    if scheme == "torchao-int8":
         torch.testing.assert_close(logits(merged, batch), quantized_train, rtol=0, atol=1e-3)
 
 
