@@ -764,6 +764,8 @@ def encoder_tables(cells: dict[str, Any], tasks: list[str]) -> str:
             ran_lrs = {
                 c["lr"] for c in cells.values() if c["part"] == "encoder" and c["task"] == t and c["variant"] == m
             }
+            if m in INIT_STUDY and not ran_lrs:
+                continue  # an issue-23 variant not run on this task: no grid of "not run yet" rows
             for lr in sorted(set(grid) | ran_lrs):
                 cell = cells.get(Unit("encoder", t, m, lr, 0).key)
                 if cell is None:
