@@ -253,14 +253,12 @@ def llama8b_sizes() -> list[dict]:
     for kind in ("nora_full", "nora_compact", "exported_lora_r32", "peft_lora_r16"):
         model = meta_model("llama3-8b").to(torch.bfloat16)
         if kind.startswith("nora") or kind == "exported_lora_r32":
-            cfg = nora.NoraConfig(r=R, r_inner=R_INNER, target_modules=TARGETS, save_outer_factors=kind != "nora_full")
+            cfg = nora.NoraConfig(r=R, r_inner=R_INNER, target_modules=TARGETS, save_outer_factors=kind != "nora_compact")
             peft_model = get_peft_model(model, cfg)
             if kind == "exported_lora_r32":  # rank-32 LoRA factors (fp32) of every module
                 n = sum(4 * R_INNER * (m.in_features + m.out_features) for _, m in nora.model.nora_layers(peft_model))
                 rows.append({"kind": kind, "bytes": n, "how": "r' (m + n) fp32 per module"})
                 continue
-            for _, layer in nora.model.nora_layers(peft_model):  # meta: mark the factors as compact-rebuildable
-                layer.__dict__.setdefault("_nora_compact", {})["default"] = {"scale": None, "float64": True}
         else:
             peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=TARGETS))
         sd = get_peft_model_state_dict(peft_model)

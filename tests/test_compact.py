@@ -210,13 +210,51 @@ def test_truncated_compact_file_is_refused(tmp_path):
 
 def test_compact_file_missing_a_record_is_refused(tmp_path):
     adapter, _, _ = _saved(tmp_path)
-    path = adapter / "adapter_model.safetensors"
-    tensors = load_file(path)
-    dropped = next(k for k in tensors if k.endswith("self_attn.k_proj.nora_sketch_B"))
-    del tensors[dropped]
-    save_file(tensors, path)
+    _rewrite(adapter, lambda t: t.pop(next(k for k in t if k.endswith("self_attn.k_proj.nora_sketch_B"))))
     with pytest.raises(CompactAdapterError, match=r"lacks the verification record of module '.*k_proj'"):
         PeftModel.from_pretrained(build_base("llama"), adapter)
+
+
+def _rewrite(adapter: Path, edit) -> None:
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_compact_file_without_any_record_is_refused(tmp_path):
+    adapter, _, _ = _saved(tmp_path)
+    _rewrite(adapter, lambda t: [t.pop(k) for k in list(t) if ".nora_sketch_" in k])
+    with pytest.raises(CompactAdapterError, match="holds no verification records"):
+        PeftModel.from_pretrained(build_base("llama"), adapter)
+
+
+def test_compact_record_of_wrong_shape_is_refused(tmp_path):
+    adapter, _, _ = _saved(tmp_path)
+
+    def shrink(tensors):
+        key = next(k for k in tensors if k.endswith("self_attn.q_proj.nora_sketch_A"))
+        tensors[key] = tensors[key][:, :2].contiguous()
+
+    _rewrite(adapter, shrink)
+    with pytest.raises(CompactAdapterError, match=r"verification record of module '.*q_proj' has shapes"):
+        PeftModel.from_pretrained(build_base("llama"), adapter)
+
+
+def test_awsvd_compact_file_without_scales_is_refused(tmp_path):
+    base = build_base("llama")
+    cfg = _cfg(outer_init="awsvd")
+    nora.calibrate(base, cfg, [{"input_ids": torch.randint(0, 64, (2, 8))}])
+    get_peft_model(base, cfg).save_pretrained(tmp_path / "adapter")
+    _rewrite(tmp_path / "adapter", lambda t: [t.pop(k) for k in list(t) if k.endswith("o_proj.nora_scale")])
+    with pytest.raises(CompactAdapterError, match=r"lacks the AwSVD channel scales of module '.*o_proj'"):
+        PeftModel.from_pretrained(build_base("llama"), tmp_path / "adapter")
+
+
+def test_compact_with_gradient_outer_init_is_refused():
+    with pytest.raises(ValueError, match="outer_init='grad' factors come from the task's gradient"):
+        nora.NoraConfig(save_outer_factors=False, outer_init="grad", grad_estimator="sign",
+                         outer_scaling="orthonormal")
 
 
 def test_saving_a_float32_adapter_compact_is_refused(tmp_path):

@@ -124,8 +124,6 @@ def filter_for_save(model, config: NoraConfig, adapter: str, to_return: dict) ->
     the adapter name here (`<module>.nora_sketch_A.<adapter>`); PEFT strips it like every other key."""
     if config.save_outer_factors:
         return to_return
-    if getattr(config, "outer_init", None) == "grad":
-        raise ValueError("NoRA: outer_init='grad' adapters cannot be saved compact; use save_outer_factors=True.")
     outer = (f".nora_B.{adapter}", f".nora_A.{adapter}")
     out = {k: v for k, v in to_return.items() if not k.endswith(outer)}
     for name, layer in _nora_layers(model):

@@ -310,6 +310,11 @@ class NoraConfig(PeftConfig):
                 "SVD, but svd_method='randomized_bf16' multiplies in bfloat16. Use svd_method='randomized', 'full' or "
                 "'auto' (compact adapters run it in float64), or keep save_outer_factors=True."
             )
+        if not self.save_outer_factors and self.outer_init == "grad":
+            raise ValueError(
+                "NoraConfig: save_outer_factors=False rebuilds the outer factors from the base weight on load, but "
+                "outer_init='grad' factors come from the task's gradient. Keep save_outer_factors=True."
+            )
         _check_choice("bias", self.bias, BIASES)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("NoraConfig: layers_pattern is only used together with layers_to_transform.")

@@ -81,6 +81,10 @@ class NoraModel(BaseTuner):
         from . import compact
 
         compact.remember_model(model, adapter_name, self.peft_config[adapter_name])
+        if getattr(self.peft_config[adapter_name], "_from_checkpoint", False):
+            from . import sharing
+
+            sharing.light_placeholders(model, adapter_name)  # no full-size zeros while N adapters are loaded
         mixed_batch.guard_base_model(model)  # `adapter_names=` on the bare base model (transformers' load_adapter)
 
     def _create_and_replace(
@@ -175,6 +179,9 @@ class NoraModel(BaseTuner):
         from . import compact
 
         remapped = compact.restore_outer(model, config, adapter_name, remapped)  # compact file: rebuild + verify
+        from . import sharing
+
+        sharing.adopt_loaded(model, adapter_name, getattr(model, "peft_config", {}), remapped)  # share identical B, A
         expected_outer = [k for k in own if f".nora_B.{adapter_name}" in k]
         missing = [k for k in expected_outer if k not in remapped]
         if missing:

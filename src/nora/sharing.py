@@ -77,3 +77,43 @@ def share_model(model, adapter: str, configs: dict) -> int:
         if isinstance(module, NoraLayer)
     )
 
+
+
+def light_placeholders(model, adapter: str) -> None:
+    """Replace the zero placeholders of a checkpoint adapter's B, A (about to be loaded) by zero-stride views, so
+    loading N adapters never holds N full-size placeholder copies; `adopt_loaded` puts the real tensors in."""
+    from .layer import NoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, NoraLayer) or adapter not in module.nora_B:
+            continue
+        if adapter not in getattr(module, "_outer_pending", {}):
+            continue
+        for buffers in (module.nora_B, module.nora_A):
+            t = buffers[adapter]
+            if t.device.type != "meta":
+                buffers[adapter] = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def adopt_loaded(model, adapter: str, configs: dict, state_dict: dict) -> None:
+    """Load side, before `load_state_dict`: give `adapter`'s B, A their final tensors: an identical twin's (shared;
+    `torch.equal`-checked) or the checkpoint's own, so the copy that follows writes each tensor onto itself."""
+    from .layer import NoraLayer
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, NoraLayer) or adapter not in layer.nora_B:
+            continue
+        name = name.removeprefix("_fsdp_wrapped_module.")
+        kB, kA = f"{name}.nora_B.{adapter}", f"{name}.nora_A.{adapter}"
+        if kB not in state_dict or kA not in state_dict:
+            continue
+        old_B, old_A = layer.nora_B[adapter], layer.nora_A[adapter]
+        if tuple(state_dict[kB].shape) != tuple(old_B.shape) or tuple(state_dict[kA].shape) != tuple(old_A.shape):
+            continue  # the shape check reports it
+        B = state_dict[kB].to(device=old_B.device, dtype=old_B.dtype).contiguous()
+        A = state_dict[kA].to(device=old_A.device, dtype=old_A.dtype).contiguous()
+        twin = find_twin(layer, adapter, configs, B, A)
+        if twin is not None:
+            B, A = layer.nora_B[twin], layer.nora_A[twin]
+        layer.nora_B[adapter], layer.nora_A[adapter] = B, A
+        state_dict[kB], state_dict[kA] = B, A
