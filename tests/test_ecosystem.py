@@ -84,7 +84,7 @@ def test_peft_type_reads_like_a_peft_enum_member():
 
 @pytest.fixture
 def transformers_peft_methods(monkeypatch):
-    """transformers >= 5.24 gates add_adapter / set_adapter / disable_adapters / enable_adapters / active_adapters
+    """transformers 5.24 (this venv) gates add_adapter / set_adapter / disable_adapters / enable_adapters / active_adapters
     behind peft >= 0.22, which is not released (the newest peft is 0.21.2); the methods themselves only call
     inject_adapter_in_model and the tuner layers' set_adapter / enable_adapters, which peft 0.21 has. Lift that gate
     (it refuses a LoRA adapter just the same) so the test exercises the code paths. `make test-min` runs this file
@@ -135,7 +135,7 @@ def test_auto_model_from_adapter_dir_and_pipeline(llama_adapter, tiny_llama_dir,
     model = AutoModelForCausalLM.from_pretrained(adapter_dir)  # transformers reads base_model_name_or_path
     torch.testing.assert_close(_logits(model, ids), adapted, rtol=0, atol=ATOL)
 
-    generator = pipeline("text-generation", model=str(adapter_dir), tokenizer=str(tiny_llama_dir))
+    generator = pipeline("text-generation", model=str(adapter_dir))  # tokenizer from base_model_name_or_path too
     torch.testing.assert_close(_logits(generator.model, ids), adapted, rtol=0, atol=ATOL)
     text = generator("is the sky", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("is the sky")

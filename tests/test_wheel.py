@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -34,8 +35,14 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_wheel_install_train_eval(tmp_path, tiny_llama_dir, tiny_task_dir):
+    # build from a copy of what the sdist holds: setuptools builds in-tree, and a build/ left in the checkout would
+    # carry deleted modules into later wheels
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, REPO])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, source])
     (wheel,) = dist.glob("nora_peft-*.whl")
 
     env_dir = tmp_path / "venv"
