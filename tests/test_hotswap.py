@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 import _models as M
 import nora
-from nora.hotswap import HotswapError
 
 
 def base_model():
@@ -113,7 +112,7 @@ def test_hotswap_named_adapter_and_mixed_batch(adapters):
 def test_hotswap_while_merged(adapters):
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
     model.merge_adapter()
-    with pytest.raises(HotswapError, match=r"is merged into the base weights .*unmerge_adapter\(\)"):
+    with pytest.raises(ValueError, match=r"is merged into the base weights .*unmerge_adapter\(\)"):
         nora.hotswap_adapter(model, adapters["two"])
 
 
@@ -129,14 +128,14 @@ def test_hotswap_while_merged(adapters):
 def test_hotswap_incompatible_config(adapters, tmp_path, config, field):
     other = saved_adapter(tmp_path / "other", 2, **config)
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
-    with pytest.raises(HotswapError, match=rf"has {field}=.* but the loaded adapter has {field}=.*load_adapter"):
+    with pytest.raises(ValueError, match=rf"has {field}=.* but the loaded adapter has {field}=.*load_adapter"):
         nora.hotswap_adapter(model, other)
 
 
 def test_hotswap_other_target_modules(adapters, tmp_path):
     other = saved_adapter(tmp_path / "other", 2, target_modules=["q_proj", "v_proj"])
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
-    with pytest.raises(HotswapError, match=r"has no nora_inner_B for module .*it targets other modules"):
+    with pytest.raises(ValueError, match=r"has no nora_inner_B for module .*it targets other modules"):
         nora.hotswap_adapter(model, other)
 
 
@@ -151,7 +150,7 @@ def test_hotswap_outer_factors_differ(adapters, tmp_path):
     save_file(state, other / "adapter_model.safetensors")
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(HotswapError, match=r"q_proj'.*outer factors differ from the loaded ones.*silently change"):
+    with pytest.raises(ValueError, match=r"q_proj'.*outer factors differ from the loaded ones.*silently change"):
         nora.hotswap_adapter(model, other)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused hotswap wrote into the model"
@@ -163,10 +162,12 @@ def test_hotswap_not_a_nora_adapter(adapters, tmp_path):
     lora = get_peft_model(base_model(), LoraConfig(r=4, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "lora")
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
-    with pytest.raises(HotswapError, match=r"holds a LORA adapter, not NoRA"):
+    with pytest.raises(ValueError, match=r"holds a LORA adapter, not NoRA"):
         nora.hotswap_adapter(model, tmp_path / "lora")
-    with pytest.raises(HotswapError, match=r"has no NoRA adapter 'nope'"):
+    with pytest.raises(ValueError, match=r"has no NoRA adapter 'nope'"):
         nora.hotswap_adapter(model, adapters["two"], adapter_name="nope")
+    with pytest.raises(ValueError, match=r"is not an adapter directory \(no adapter_config.json\)"):
+        nora.hotswap_adapter(model, tmp_path / "missing")
 
 
 def test_peft_hotswap_on_a_nora_model(adapters):
@@ -176,3 +177,8 @@ def test_peft_hotswap_on_a_nora_model(adapters):
     model = PeftModel.from_pretrained(base_model(), adapters["one"]).eval()
     with pytest.raises(ValueError, match=r"Hotswapping only supports .*LORA.* but NORA was passed"):
         peft_hotswap(model, str(adapters["two"]), adapter_name="default", torch_device="cpu")
+
+
+def test_hotswap_not_a_peft_model(adapters):
+    with pytest.raises(TypeError, match=r"nora.hotswap_adapter needs a PeftModel \(or a torch.compile'd one\)"):
+        nora.hotswap_adapter(base_model(), adapters["two"])

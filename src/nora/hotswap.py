@@ -34,8 +34,8 @@ OUTER_CHECK_FIELDS = tuple(f for f in OUTER_FIELDS if f != "save_outer_factors")
 INNER = ("nora_inner_B", "nora_inner_A")
 
 
-class HotswapError(ValueError):
-    """The saved adapter cannot replace the loaded one in place."""
+#: the fix of every incompatibility: a regular load brings the adapter's own outer factors and config
+LOAD_INSTEAD = " Load it as another adapter instead: model.load_adapter(adapter_dir, adapter_name=...)."
 
 
 def _peft_model(model):
@@ -48,20 +48,16 @@ def _peft_model(model):
     return inner
 
 
-def _fail(msg: str) -> None:
-    raise HotswapError(
-        f"nora.hotswap_adapter: {msg} Load it as another adapter instead: model.load_adapter(adapter_dir, adapter_name=...)."
-    )
-
-
 def _check_configs(old: NoraConfig, new: NoraConfig, adapter_dir) -> None:
-    for field in FORWARD_FIELDS + OUTER_CHECK_FIELDS:
+    for field in (*FORWARD_FIELDS, *OUTER_CHECK_FIELDS, "modules_to_save"):
         a, b = getattr(old, field, None), getattr(new, field, None)
+        if field == "modules_to_save":
+            a, b = sorted(a or []), sorted(b or [])
         if a != b:
-            _fail(f"{adapter_dir} has {field}={b!r} but the loaded adapter has {field}={a!r}.")
-    a, b = old.modules_to_save or [], new.modules_to_save or []
-    if sorted(a) != sorted(b):
-        _fail(f"{adapter_dir} has modules_to_save={b!r} but the loaded adapter has {a!r}.")
+            raise ValueError(
+                f"nora.hotswap_adapter: {adapter_dir} has {field}={b!r} but the loaded adapter has {field}={a!r}."
+                + LOAD_INSTEAD
+            )
 
 
 def _layer_key(state_dict: dict, name: str, attr: str) -> str | None:
@@ -103,31 +99,32 @@ def hotswap_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "
     old = peft_model.peft_config.get(adapter_name)
     if old is None or getattr(old, "peft_type", None) != PEFT_TYPE:
         loaded = {k: str(getattr(v, "peft_type", "?")) for k, v in peft_model.peft_config.items()}
-        raise HotswapError(
+        raise ValueError(
             f"nora.hotswap_adapter: the model has no NoRA adapter {adapter_name!r} (adapters: {loaded}). Pass "
             "adapter_name= of a loaded NoRA adapter."
         )
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise HotswapError(
-            f"nora.hotswap_adapter: {adapter_dir} is not an adapter directory (no adapter_config.json)."
-        )
+        raise ValueError(f"nora.hotswap_adapter: {adapter_dir} is not an adapter directory (no adapter_config.json).")
     with open(os.path.join(adapter_dir, "adapter_config.json")) as fh:
         peft_type = json.load(fh).get("peft_type")
     if peft_type != PEFT_TYPE:
-        raise HotswapError(
+        raise ValueError(
             f"nora.hotswap_adapter: {adapter_dir} holds a {peft_type} adapter, not NoRA; only a NoRA adapter can "
             "replace a NoRA adapter's inner factors."
         )
     new = NoraConfig.from_pretrained(adapter_dir)
     _check_configs(old, new, adapter_dir)
     if old.bias != "none":
-        _fail(f"adapter {adapter_name!r} trains biases (bias={old.bias!r}); hotswap copies inner factors only.")
+        raise ValueError(
+            f"nora.hotswap_adapter: adapter {adapter_name!r} trains biases (bias={old.bias!r}); hotswap copies inner "
+            "factors only." + LOAD_INSTEAD
+        )
 
     layers = [(name, layer) for name, layer in nora_layers(peft_model) if adapter_name in layer.nora_inner_B]
     merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
     if merged:
-        raise HotswapError(
+        raise ValueError(
             f"nora.hotswap_adapter: adapter {adapter_name!r} is merged into the base weights (e.g. {merged[0]}); "
             "swapping its factors now would corrupt the weights on unmerge. Call model.unmerge_adapter() first."
         )
@@ -144,17 +141,23 @@ def hotswap_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "
                 continue
             key = _layer_key(state_dict, name, attr)
             if key is None:
-                _fail(f"{adapter_dir} has no {attr} for module {name!r}; it targets other modules.")
+                raise ValueError(
+                    f"nora.hotswap_adapter: {adapter_dir} has no {attr} for module {name!r}; it targets other modules."
+                    + LOAD_INSTEAD
+                )
             dest, src = params[adapter_name], state_dict[key]
             if dest.shape != src.shape:
-                _fail(f"module {name!r}: {attr} has shape {tuple(src.shape)} in the file, {tuple(dest.shape)} loaded.")
+                raise ValueError(
+                    f"nora.hotswap_adapter: module {name!r}: {attr} has shape {tuple(src.shape)} in the file, "
+                    f"{tuple(dest.shape)} loaded." + LOAD_INSTEAD
+                )
             copies.append((dest, src))
             used.add(key)
         problem = _outer_mismatch(layer, adapter_name, state_dict, name)
         if problem:
-            _fail(
-                f"module {name!r}: {problem}. The inner factors were trained against their own outer factors, so "
-                "keeping the loaded ones would silently change the adapter's outputs."
+            raise ValueError(
+                f"nora.hotswap_adapter: module {name!r}: {problem}. The inner factors were trained against their own "
+                "outer factors, so keeping the loaded ones would silently change the adapter's outputs." + LOAD_INSTEAD
             )
         used.update(k for a in ("nora_B", "nora_A", *compact.RECORD_KEYS) if (k := _layer_key(state_dict, name, a)))
     for name, module in peft_model.named_modules():
@@ -163,12 +166,18 @@ def hotswap_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "
         for pname, dest in module.modules_to_save[adapter_name].named_parameters():
             key = _layer_key(state_dict, name, pname)
             if key is None or state_dict[key].shape != dest.shape:
-                _fail(f"{adapter_dir} lacks modules_to_save weight {name}.{pname} (or its shape differs).")
+                raise ValueError(
+                    f"nora.hotswap_adapter: {adapter_dir} lacks modules_to_save weight {name}.{pname} (or its shape "
+                    "differs)." + LOAD_INSTEAD
+                )
             copies.append((dest, state_dict[key]))
             used.add(key)
     extra = sorted(set(state_dict) - used)
     if extra:
-        _fail(f"{adapter_dir} holds tensors the loaded adapter has no place for, e.g. {extra[0]!r} (other targets?).")
+        raise ValueError(
+            f"nora.hotswap_adapter: {adapter_dir} holds tensors the loaded adapter has no place for, e.g. "
+            f"{extra[0]!r} (other targets?)." + LOAD_INSTEAD
+        )
 
     with torch.no_grad():
         for dest, src in copies:

@@ -73,10 +73,7 @@ def _expand_size(kwargs: dict) -> int:
     config = kwargs.get("generation_config")
     beams = kwargs.get("num_beams", getattr(config, "num_beams", None) or 1)
     returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None) or 1)
-    for name, value in (("num_beams", beams), ("num_return_sequences", returns)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"adapter_names with {name}={value!r}: {name} must be a positive integer.")
-    return max(beams, returns)
+    return max(int(beams or 1), int(returns or 1))  # generate itself validates both
 
 
 def _input_batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -86,16 +83,26 @@ def _input_batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _check_names_type(adapter_names: Any) -> list[str]:
+    ok = not isinstance(adapter_names, str) and isinstance(adapter_names, Sequence)
+    if not ok or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name per batch row, got {adapter_names!r:.80}. Pass e.g. "
+            f'adapter_names=["a", "{BASE}", "b"] (use model.set_adapter(name) for a whole batch).'
+        )
+    return list(adapter_names)
+
+
+def _refuse_merged(merged: list[str]) -> None:
+    raise ValueError(
+        f"adapter_names (mixed-batch inference) is refused while adapters are merged into the base weights "
+        f"({', '.join(merged)}): every row would get them. Call model.unmerge_adapter() first."
+    )
+
+
 def check_adapter_names(tuner: nn.Module, adapter_names: Any) -> list[str]:
     """The validated list of names; one clear error for a wrong type, training mode, merged layers, unknown names."""
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(
-            f"adapter_names must be a list with one adapter name per batch row, got {type(adapter_names).__name__}. "
-            f'Pass e.g. adapter_names=["a", "__base__", "b"] (use model.set_adapter(name) for a whole batch).'
-        )
-    names = list(adapter_names)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"adapter_names must hold strings (adapter names or '{BASE}'), got {names!r}.")
+    names = _check_names_type(adapter_names)
     if tuner.training:
         raise ValueError(
             "adapter_names (mixed-batch inference) is refused in training mode: call model.eval() first; train each "
@@ -104,10 +111,7 @@ def check_adapter_names(tuner: nn.Module, adapter_names: Any) -> list[str]:
     layers = _nora_layers(tuner)
     merged = sorted({a for layer in layers for a in layer.merged_adapters})
     if merged:
-        raise ValueError(
-            f"adapter_names (mixed-batch inference) is refused while adapters are merged into the base weights "
-            f"({', '.join(merged)}): every row would get them. Call model.unmerge_adapter() first."
-        )
+        _refuse_merged(merged)
     known = {a for layer in layers for a in layer.nora_inner_B}
     unknown = sorted(set(names) - known - {BASE})
     if unknown:
@@ -188,8 +192,7 @@ def guard_base_model(model: nn.Module) -> None:
 
 
 def _check_layer_call(layer, x: torch.Tensor, adapter_names: Any) -> None:
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(f"adapter_names must be a list of names, one per row, got {type(adapter_names).__name__}.")
+    _check_names_type(adapter_names)
     if x.dim() < 2 or x.shape[0] != len(adapter_names):
         raise ValueError(
             f"adapter_names has {len(adapter_names)} names but this layer's input has "
@@ -198,10 +201,7 @@ def _check_layer_call(layer, x: torch.Tensor, adapter_names: Any) -> None:
             "to generate so the names are repeated per beam."
         )
     if layer.merged:
-        raise ValueError(
-            "adapter_names (mixed-batch inference) is refused while adapters are merged into the base weights: call "
-            "model.unmerge_adapter() first."
-        )
+        _refuse_merged(layer.merged_adapters)
     if layer.disable_adapters:
         raise ValueError(
             "adapter_names was passed while the adapters are disabled; enable them (model.enable_adapter_layers()) "
@@ -261,14 +261,11 @@ def _row_matrices(layer, adapter: str) -> list[torch.Tensor]:
     outer products: nested/adapter: A x ... B u; parallel: A x ...; output: B A x ...)."""
     inner_B, inner_A = layer.nora_inner_B[adapter], layer.nora_inner_A.get(adapter)
     s = layer.scaling[adapter]
-    structure = layer.structure[adapter]
-    if structure == "nested":  # B (s B' A') A
+    if layer.structure[adapter] == "nested":  # B (s B' A') A
         return [s * (inner_B @ inner_A)]
-    if structure == "adapter":  # B (s R) A
+    if layer.structure[adapter] == "adapter":  # B (s R) A
         return [s * inner_B]
-    if structure in ("parallel", "output"):  # (s C) A' A  and  (s B') A' B A
-        return [inner_A, s * inner_B]
-    raise ValueError(f"unknown structure {structure!r}")
+    return [inner_A, s * inner_B]  # parallel: (s C) A' A;  output: (s B') A' B A
 
 
 def _use_shared(layer, cls: list[str], tokens: dict[str, int], whole: bool) -> bool:
