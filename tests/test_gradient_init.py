@@ -114,7 +114,7 @@ def test_full_estimator_returns_autograds_weight_gradient():
 
 
 @pytest.mark.parametrize("outer", ["svd", "awsvd"])
-def test_inner_grad_is_an_identity_and_aligns_A_with_the_top_right_singular_directions(outer):
+def test_inner_grad_is_an_identity_and_aligns_a_with_the_top_right_singular_directions(outer):
     base = Tiny()
     config = nora.NoraConfig(r=R, r_inner=R_INNER, target_modules=["lin1", "lin2"], svd_method="full",
                              inner_init="grad", outer_init=outer)  # fmt: skip
