@@ -334,75 +334,77 @@ def run(args) -> int:
     return 0
 
 
-def layer_micro(args) -> dict:
-    """CPU time of forward + backward of one decoder layer's 7 projections (input requires grad), NoRA folded vs
-    low-memory vs LoRA r=16 / r=64, in ONE process, interleaved, median over `args.reps * 5` rounds; per model shape.
-    This isolates the adapter path (everything else in a step is identical between the two NoRA paths)."""
+def _layer_profile(shapes: dict, n_tokens: int, reps: int) -> dict:
+    """Interleaved CPU-time medians of forward + backward through 7 projections of `shapes`, per method."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
     import nora
 
-    torch.set_num_threads(args.threads)
-    shapes_of = {
-        "smollm2": _common.projection_shapes(json.loads((_common.smollm2_dir() / "config.json").read_text())),
-        "llama8b-block": _common.projection_shapes({**BLOCK, "head_dim": 128}),
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, (m, n) in shapes.items():
+                setattr(self, k, nn.Linear(n, m, bias=False))
+
+    def make(kind):
+        torch.manual_seed(0)
+        if kind.startswith("nora"):
+            cfg = nora.NoraConfig(
+                r=64, r_inner=32, target_modules=list(shapes), activation_memory=kind.split("_")[1],
+                outer_init="random", init_weights=False,
+            )  # fmt: skip
+        else:
+            r = int(kind.split("_")[1])
+            cfg = LoraConfig(r=r, lora_alpha=r, target_modules=list(shapes), init_lora_weights=False)
+        return get_peft_model(Block(), cfg).base_model.model
+
+    kinds = ["nora_folded", "nora_low", "lora_16", "lora_64"]
+    mods = {k: make(k) for k in kinds}
+    xs = {n: torch.randn(n_tokens, n, requires_grad=True) for n in {n for _, n in shapes.values()}}
+
+    def run(kind):
+        mod = mods[kind]
+        start = time.process_time()
+        loss = sum(getattr(mod, name)(xs[n]).square().mean() for name, (_m, n) in shapes.items())
+        loss.backward()
+        elapsed = time.process_time() - start
+        for v in xs.values():
+            v.grad = None
+        mod.zero_grad(set_to_none=True)
+        return elapsed
+
+    for k in kinds:
+        run(k)
+    times = {k: [] for k in kinds}
+    order = list(kinds)
+    for _ in range(reps):
+        for k in order:
+            times[k].append(run(k))
+        order = order[1:] + order[:1]
+    med = {k: _common.median(v) for k, v in times.items()}
+    return {
+        "tokens": n_tokens,
+        "median_cpu_s": med,
+        "low_vs_folded": med["nora_low"] / med["nora_folded"],
+        "times": times,
     }
-    tokens = {"smollm2": 4 * 256, "llama8b-block": 512}
+
+
+def layer_micro(args) -> dict:
+    """CPU time of forward + backward of one decoder layer's 7 projections (input requires grad), NoRA folded vs
+    low-memory vs LoRA r=16 / r=64, in ONE process, interleaved, median over `args.reps * 5` rounds; per model shape.
+    This isolates the adapter path (everything else in a step is identical between the two NoRA paths)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    smol = _common.projection_shapes(json.loads((_common.smollm2_dir() / "config.json").read_text()))
+    cases = {"smollm2": (smol, 4 * 256), "llama8b-block": (_common.projection_shapes({**BLOCK, "head_dim": 128}), 512)}
     out = {}
-    for model_name, shapes in shapes_of.items():
-
-        class Block(nn.Module):
-            def __init__(self):
-                super().__init__()
-                for k, (m, n) in shapes.items():
-                    setattr(self, k, nn.Linear(n, m, bias=False))
-
-        def make(kind):
-            torch.manual_seed(0)
-            if kind.startswith("nora"):
-                cfg = nora.NoraConfig(
-                    r=64, r_inner=32, target_modules=list(shapes), activation_memory=kind.split("_")[1],
-                    outer_init="random", init_weights=False,
-                )  # fmt: skip
-            else:
-                r = int(kind.split("_")[1])
-                cfg = LoraConfig(r=r, lora_alpha=r, target_modules=list(shapes), init_lora_weights=False)
-            return get_peft_model(Block(), cfg).base_model.model
-
-        kinds = ["nora_folded", "nora_low", "lora_16", "lora_64"]
-        mods = {k: make(k) for k in kinds}
-        widths = {n for _, n in shapes.values()}
-        xs = {n: torch.randn(tokens[model_name], n, requires_grad=True) for n in widths}
-
-        def run(kind):
-            mod = mods[kind]
-            start = time.process_time()
-            loss = sum(getattr(mod, name)(xs[n]).square().mean() for name, (_m, n) in shapes.items())
-            loss.backward()
-            elapsed = time.process_time() - start
-            for v in xs.values():
-                v.grad = None
-            mod.zero_grad(set_to_none=True)
-            return elapsed
-
-        for k in kinds:
-            run(k)
-        times = {k: [] for k in kinds}
-        order = list(kinds)
-        for _ in range(args.reps * 5):
-            for k in order:
-                times[k].append(run(k))
-            order = order[1:] + order[:1]
-        med = {k: _common.median(v) for k, v in times.items()}
-        out[model_name] = {
-            "tokens": tokens[model_name],
-            "median_cpu_s": med,
-            "low_vs_folded": med["nora_low"] / med["nora_folded"],
-            "times": times,
-        }
-        print(f"{model_name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items()), flush=True)
+    for name, (shapes, n_tokens) in cases.items():
+        out[name] = res = _layer_profile(shapes, n_tokens, args.reps * 5)
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res["median_cpu_s"].items()), flush=True)
     return out
 
 
