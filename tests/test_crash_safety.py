@@ -28,8 +28,9 @@ import nora
 from conftest import assert_same_adapter
 from nora.cli import parse_args
 from nora.harness import models as harness_models
+from nora.harness.checkpoints import CHECKPOINT_STAGING
 from nora.harness.runinfo import write_run_config
-from nora.harness.train import CHECKPOINT_STAGING, plot_losses, run_train, torch_threads
+from nora.harness.train import plot_losses, run_train, torch_threads
 from nora.io import atomic_dir, atomic_path, replace_dir, write_json, write_text
 
 TINY = ["--r", "8", "--r-inner", "4", "--batch-size", "4", "--no-progress"]
