@@ -43,6 +43,8 @@ CORE_TESTS = (
     "tests/test_calibration.py",
     "tests/test_errors.py",
     "tests/test_params.py",
+    "tests/test_outer_scaling.py",  # outer_scaling='orthonormal' (B^T B = I), < 0.1 s of tests
+    "tests/test_bias.py",  # bias='all' / 'nora_only' through save, merge and export_lora, < 1 s of tests
 )
 #: slow tests left out of the default subset (mutants that need them name them in `tests`)
 SLOW = (

@@ -133,6 +133,31 @@ def test_calibrate_restores_mode_and_removes_hooks():
     assert model.training and not model.lin._forward_pre_hooks
 
 
+class DropoutLinear(nn.Module):
+    """Dropout in front of the target: in train mode `lin` would see 0 or 2x of each input."""
+
+    def __init__(self, n: int = 6, m: int = 5):
+        super().__init__()
+        self.drop, self.lin = nn.Dropout(0.5), nn.Linear(n, m)
+
+    def forward(self, x):
+        return self.lin(self.drop(x))
+
+
+def test_calibration_runs_in_eval_mode_and_restores_the_callers_mode():
+    """The statistics are those of the deterministic (eval) forward even when the model is in train mode, and an eval
+    model is left in eval mode (not switched to train)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    model = DropoutLinear().train()
+    stats = nora.calibrate(model, lin_config(), [x], progress=False)
+    torch.testing.assert_close(stats["lin"], x.abs().mean(0), atol=1e-6, rtol=0)  # dropout off: exactly mean |x|
+    assert model.training and model.drop.training
+    model.eval()
+    nora.calibrate(model, lin_config(), [x], progress=False)
+    assert not model.training and not model.drop.training
+
+
 def test_calibrated_awsvd_differs_from_svd_and_uses_the_statistics():
     base = M.fresh("llama")
     cfg = nora.NoraConfig(r=8, r_inner=4, outer_init="awsvd")

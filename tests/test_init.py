@@ -222,6 +222,19 @@ def test_outer_random_is_seeded_and_svd_scaled():
     assert ((row_norms > 0.5) & (row_norms < 1.5)).all()  # rows of A ~ unit norm, like V_r^T
 
 
+def test_outer_random_B_carries_the_svd_factors_frobenius_scale():
+    """B ~ N(0, rms_sigma^2 / m) with rms_sigma = ||W||_F / sqrt(min(m, n)): ||B||_F^2 ~ r rms_sigma^2, the Frobenius
+    scale of B = U_r Sigma_r for a flat spectrum; B scales linearly with W, A (~ unit rows) does not depend on W."""
+    W = 3.0 * random_matrix(40, 30)  # rms_sigma / sqrt(m) = 3 here, so an unscaled B ~ N(0, 1) is off by 9x in energy
+    rms_sigma = W.norm() / math.sqrt(30)
+    f, g = outer_random(W, 6, seed=1), outer_random(0.01 * W, 6, seed=1)
+    energy = f.B.pow(2).sum() / (6 * rms_sigma**2)
+    assert 0.7 < energy < 1.3, energy  # chi^2 with 240 dof / 240: std 0.09
+    torch.testing.assert_close(g.B, 0.01 * f.B, rtol=1e-5, atol=0)
+    assert torch.equal(g.A, f.A)
+    torch.testing.assert_close(f.sigma, torch.full((6,), float(rms_sigma)))
+
+
 def test_outer_seeds_differ_per_module_but_agree_across_builds():
     def factors():
         torch.manual_seed(0)

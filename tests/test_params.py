@@ -90,3 +90,27 @@ def test_trainable_count_with_modules_to_save():
     head = model.base_model.model.classifier.modules_to_save["default"]
     head_params = sum(p.numel() for p in head.parameters())
     assert count_trainable(model) == len(layers) * 2 * r * r_inner + head_params
+
+
+def test_gpt2_default_targets_are_attention_and_both_mlp_projections():
+    """target_modules=None on GPT-2: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj per block (4 Conv1D), each 2 r r'."""
+    r, r_inner = 8, 4
+    model = get_peft_model(M.build("gpt2"), nora.NoraConfig(r=r, r_inner=r_inner))  # 1 block
+    names = sorted(name.split(".h.", 1)[1] for name, _ in nora_layers(model))
+    blocks = [f"0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert names == sorted(blocks)
+    assert count_trainable(model) == len(blocks) * 2 * r * r_inner
+
+
+def test_an_added_adapter_stays_frozen_until_it_is_set_active():
+    """add_adapter must not add trainable parameters (PEFT's contract): only the active adapter trains."""
+    r, r_inner = 8, 4
+    model = get_peft_model(M.OneLinear(12, 10), nora.NoraConfig(r=r, r_inner=r_inner, target_modules=["lin"]))
+    model.add_adapter("b", nora.NoraConfig(r=r, r_inner=2, structure="parallel", target_modules=["lin"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".default") for n in trainable), trainable
+    assert count_trainable(model) == 2 * r * r_inner
+    model.set_adapter("b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".b") for n in trainable), trainable
+    assert count_trainable(model) == expected_trainable("parallel", 12, r, 2)
