@@ -198,6 +198,18 @@ def test_awsvd_calibrates_before_training(tiny_llama_dir, tiny_task_dir, tmp_pat
     assert metrics["peft_config"]["outer_init"] == "awsvd"
 
 
+@pytest.mark.parametrize("extra", [["--inner-init", "grad"], ["--method", "loraxs", "--outer-init", "grad",
+                                   "--outer-scaling", "orthonormal", "--inner-init", "grad_step",
+                                   "--grad-estimator", "sign", "--grad-first-step-lr", "1e-3"]])  # fmt: skip
+def test_gradient_informed_inits_run_before_training(extra, tiny_llama_dir, tiny_task_dir, tmp_path):
+    """`nora train` calls nora.gradient_init on the first --grad-init-samples examples: until it has run, a NoRA
+    layer with a gradient-informed init refuses to run, so one optimizer step proves the factors were filled."""
+    argv = ["--max-steps", "1", "--grad-init-samples", "4", *extra]
+    metrics = run_train(parse_args(_train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, *argv)))
+    assert metrics["calibration"]["grad_init_samples"] == 4 and metrics["steps"] == 1
+    assert metrics["peft_config"]["inner_init"] == extra[extra.index("--inner-init") + 1]
+
+
 def test_every_nora_config_field_is_a_train_flag():
     _, train = build_parser()
     dests = {action.dest for action in train._actions}

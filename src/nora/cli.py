@@ -67,6 +67,8 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * --lora-r)")
     m.add_argument("--lora-dropout", type=float, default=0.0)
     m.add_argument("--calib-samples", type=int, default=64, help="training examples for AwSVD calibration")
+    m.add_argument("--grad-init-samples", type=int, default=64, help="training examples for nora.gradient_init "
+                   "(--inner-init grad|grad_step, --outer-init grad); LoRA-SB uses ~0.1%% of the training set")  # fmt: skip
     m.add_argument("--init-threads", type=int, default=None, help="torch threads for the adapter initialisation "
                    "(SVD); default 1 on machines with <= 4 cores, where threaded LAPACK SVD is much slower")  # fmt: skip
     add_nora_arguments(p)

@@ -29,8 +29,10 @@ def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
     """Raise a clear error for a weight NoRA cannot factorise."""
     if not weight.is_floating_point():
         raise TypeError(
-            f"{name}: NoRA needs a floating-point base weight, got dtype {weight.dtype}. Quantized base layers are "
-            "not supported; load the model in float32/bfloat16/float16."
+            f"{name}: NoRA needs a floating-point base weight, got dtype {weight.dtype} in a plain tensor, which no "
+            "quantization backend describes (no scales to dequantize with). Load the model in float32/bfloat16/"
+            "float16, or quantized with a supported backend: bitsandbytes (BitsAndBytesConfig), torchao weight-only "
+            "or hqq (see nora.quantized)."
         )
     if weight.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}.")
@@ -192,7 +194,7 @@ def init_outer(
         return outer_random(weight, r, seed=seed, orthonormal=orthonormal)
     if method == "grad":
         raise ValueError(
-            "outer_init='grad' factors come from the task's gradient: call nora.gradient_init(model, batches) after "
+            "outer_init='grad' factors come from the task's gradient: call nora.gradient_init(model, config, batches) after "
             "get_peft_model (it replaces the placeholders)."
         )
     raise ValueError(f"unknown outer_init={method!r}; valid values are {', '.join(map(repr, OUTER_INITS))}.")

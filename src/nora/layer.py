@@ -134,7 +134,7 @@ class NoraLayer(BaseTunerLayer):
         elif config.needs_gradient_init:
             self._outer_pending[adapter_name] = (
                 f"outer_init={config.outer_init!r} / inner_init={config.inner_init!r} are computed from the task's "
-                "gradient: call nora.gradient_init(model, batches) after get_peft_model and before training."
+                "gradient: call nora.gradient_init(model, config, batches) after get_peft_model and before training."
             )
         if skip_init:
             # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.

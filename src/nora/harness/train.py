@@ -28,7 +28,7 @@ import torch
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .. import NoraConfig, calibrate
+from .. import NoraConfig, calibrate, gradient_init
 from ..io import atomic_path, write_json
 from ..model import count_trainable, default_target_modules
 from . import HarnessError
@@ -270,15 +270,21 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
     )
 
 
-def calibration_batches(features: list[dict], args: argparse.Namespace, rank: int, world: int, pad_id: int):
-    """This rank's share of the first --calib-samples training examples, batched (nora.calibrate all-reduces)."""
-    share = features[: args.calib_samples][rank::world]
+def calibration_batches(features: list[dict], args: argparse.Namespace, rank: int, world: int, pad_id: int,
+                        flag: str = "--calib-samples", labels: bool = False):  # fmt: skip
+    """This rank's share of the first `flag` (--calib-samples / --grad-init-samples) training examples, batched
+    (nora.calibrate and nora.gradient_init all-reduce); `labels` keeps the loss labels (the gradient needs them)."""
+    samples = getattr(args, flag.lstrip("-").replace("-", "_"))
+    share = features[:samples][rank::world]
     if not share:
-        raise HarnessError(f"--calib-samples {args.calib_samples} leaves no calibration example for rank {rank}.")
+        what = "gradient-init" if labels else "calibration"
+        raise HarnessError(f"{flag} {samples} leaves no {what} example for rank {rank}: use {flag} >= the number "
+                           "of processes.")  # fmt: skip
     collate = PadCollator(pad_id)
     for i in range(0, len(share), args.batch_size):
         batch = collate(share[i : i + args.batch_size])
-        batch.pop("labels")
+        if not labels:
+            batch.pop("labels")
         yield batch
 
 
@@ -324,6 +330,12 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         set_seed(args.seed)
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
+    if isinstance(peft_config, NoraConfig) and peft_config.needs_gradient_init:
+        start = time.perf_counter()
+        batches = calibration_batches(features, args, rank, world, tokenizer.pad_token_id, "--grad-init-samples", True)
+        gradient_init(model, peft_config, batches, progress=args.progress and rank == 0)
+        calibration = (calibration or {}) | {"grad_init_samples": min(args.grad_init_samples, len(features)),
+                                             "grad_init_seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     outer_sha256 = rank_digests(model)  # every rank's frozen factors, before DDP broadcasts rank 0's buffers
     # rank 0 saves the final adapter, so it alone keeps PiSSA's initial adapter for the conversion (save_final_model)
     init_dir = Path(tempfile.mkdtemp(prefix="nora-pissa-init-")) if args.method == "pissa" and rank == 0 else None
