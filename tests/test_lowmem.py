@@ -264,22 +264,33 @@ def saved_bytes(model, fn) -> tuple[int, list[tuple[tuple[int, ...], torch.dtype
 T_TOKENS = 60
 
 
+@pytest.mark.parametrize("alpha", [None, 3.0])
 @pytest.mark.parametrize("structure", ["nested", "parallel", "output"])
-def test_saved_bytes_are_z_and_the_folded_left(structure):
-    """Per call the low path saves z (T x r fp32) and the folded left (m x k); the folded path saves x (T x n), u
-    (T x k), right (k x n) and left (m x k). ('output': left = B' is a parameter, so it adds nothing; M = A' B is
-    k x r.)"""
+def test_saved_bytes_are_z_only(structure, alpha):
+    """Per call the low path saves z (T x r fp32) and nothing m-wide: the left fold s B B' (m x k) is recomputed in
+    backward (alpha=3: a scaled left too). The folded path saves x (T x n), u (T x k), right (k x n) and, where it
+    is a new tensor, left (m x k). ('output': M = A' B is a k x r fold result, r-wide.)"""
     x = torch.randn(T_TOKENS, N_IN, requires_grad=True)
-    model, _ = lin_model("low", structure)
+    cfg = {} if alpha is None else {"alpha": alpha}
+    model, _ = lin_model("low", structure, **cfg)
     low, shapes = saved_bytes(model, lambda: model(x))
-    left = {"nested": M_OUT * K, "parallel": 0, "output": 0}[structure]  # parallel/output: left is the parameter
     small = {"nested": 0, "parallel": 0, "output": K * R}[structure]  # output: M = A' B is a fold result
-    assert low == 4 * (T_TOKENS * R + left + small), shapes
-    folded_model, _ = lin_model("folded", structure)
+    assert low == 4 * (T_TOKENS * R + small), shapes
+    assert all(M_OUT not in shape for shape, _ in shapes), shapes  # nothing of width m
+    folded_model, _ = lin_model("folded", structure, **cfg)
     folded, _ = saved_bytes(folded_model, lambda: folded_model(x))
+    left = M_OUT * K if structure == "nested" or alpha is not None else 0  # else left is the parameter B'/C itself
     assert folded == 4 * (T_TOKENS * N_IN + T_TOKENS * K + K * N_IN + left)
     # per token: 4 r bytes instead of 4 (n + k)
-    assert (folded - low) == 4 * T_TOKENS * (N_IN + K - R) + 4 * K * N_IN - 4 * small
+    assert (folded - low) == 4 * T_TOKENS * (N_IN + K - R) + 4 * K * N_IN + 4 * left - 4 * small
+
+
+def test_a_trainable_outer_factor_is_refused():
+    """The low path cannot give A a gradient (it keeps A x, not x): an A made trainable by hand is refused."""
+    model, layer = lin_model("low")
+    layer.nora_A["default"].requires_grad_(True)
+    with pytest.raises(ValueError, match="the outer factor A requires grad, but this path saves A x instead of x"):
+        model(torch.randn(2, N_IN, requires_grad=True))
 
 
 def test_saved_bytes_with_dropout_add_a_bool_mask():
@@ -288,7 +299,7 @@ def test_saved_bytes_with_dropout_add_a_bool_mask():
     model, _ = lin_model("low", nora_dropout=0.1)
     model.train()
     low, shapes = saved_bytes(model, lambda: model(x))
-    assert low == 4 * (T_TOKENS * R + M_OUT * K) + T_TOKENS * N_IN
+    assert low == 4 * T_TOKENS * R + T_TOKENS * N_IN
     assert ((T_TOKENS, N_IN), torch.bool) in shapes
 
 
@@ -297,7 +308,7 @@ def test_saved_bytes_of_a_frozen_input():
     x = torch.randn(T_TOKENS, N_IN)
     model, _ = lin_model("low")
     low, _ = saved_bytes(model, lambda: model(x))
-    assert low == 4 * (T_TOKENS * R + M_OUT * K)
+    assert low == 4 * T_TOKENS * R
     copy.deepcopy(model)  # a low-path model stays deep-copyable (no autograd state is kept on the layer)
 
 
