@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mutation.py                 # all mutants -> benchmarks/results/mutation.json
     python benchmarks/bench_mutation.py --only layer.py --ids issue-fold-x1.5   # a subset (not written by default)
+    python benchmarks/bench_mutation.py --only init.py model.py --merge   # a subset, merged into mutation.json
 
 Each mutant replaces one snippet of src/nora/FILE in a PRIVATE snapshot of the repository (`git archive HEAD` of src,
 tests, docs, pyproject.toml into a temporary directory; the working tree is never touched), then runs the core test
@@ -18,6 +19,7 @@ targets one documented behaviour per mutant instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -143,6 +145,19 @@ def scores(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def merge(old: dict, new: dict) -> dict:
+    """`new` (a partial run) over `old`: the chosen mutants' rows replaced, the other rows kept in MUTANTS order, the
+    scores recomputed; `commits` lists every commit a kept row was measured at (rows carry their own `commit`)."""
+    rows = {r["id"]: {"commit": old.get("commit"), **r} for r in old.get("mutants", [])}
+    rows.update({r["id"]: r for r in new["mutants"]})
+    records = [rows[m.id] for m in MUTANTS if m.id in rows]
+    baseline = {**old.get("baseline", {}), **new["baseline"]}
+    commits = sorted({r["commit"] for r in records if r.get("commit")})
+    runs = [*old.get("runs", [old.get("command")]), new["command"]]
+    return {**new, "commits": commits, "runs": [c for c in runs if c], "baseline": baseline,
+            "scores": scores(records), "mutants": records}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="files (relative to src/nora) to mutate")
@@ -150,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant run")
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/mutation.json for a "
                         "full run, nothing for a subset)")  # fmt: skip
+    parser.add_argument("--merge", action="store_true", help="update the --out record (default mutation.json): "
+                        "replace the chosen mutants' rows, keep the others, recompute the scores")  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [
         m for m in MUTANTS if (args.only is None or m.file in args.only) and (args.ids is None or m.id in args.ids)
@@ -160,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown mutant ids: {sorted(unknown)}")
     full = args.only is None and args.ids is None
-    out = Path(args.out) if args.out else (RESULTS_DIR / "mutation.json" if full else None)
+    out = Path(args.out) if args.out else (RESULTS_DIR / "mutation.json" if full or args.merge else None)
 
     with tempfile.TemporaryDirectory(prefix="nora-mutation-") as tmp:
         root = Path(tmp)
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         records = []
         for i, mutant in enumerate(chosen, 1):
-            record = run_mutant(root, mutant, deselect, args.timeout)
+            record = {**run_mutant(root, mutant, deselect, args.timeout), "commit": commit}
             records.append(record)
             print(
                 f"[{i}/{len(chosen)}] {record['status']:8s} {mutant.id:32s} {record.get('killed_by', '')}", flush=True
@@ -195,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "mutants": records,
         "machine": machine_facts(),
     }
+    if args.merge and out is not None and out.is_file():
+        result = merge(json.loads(out.read_text()), result)
     for file, s in result["scores"].items():
         print(f"{file:20s} {s['killed']}/{s['mutants']} killed, score {s['score']}", flush=True)
     if out is not None:
