@@ -218,11 +218,24 @@ def test_export_lora_of_a_quantized_base_is_float(tmp_path):
 # ---- refusals -------------------------------------------------------------------------------------------------------
 
 
-def _stub_layer(module_path: str, class_name: str) -> nn.Module:
-    cls = type(class_name, (nn.Linear,), {"__module__": module_path})
-    return cls(8, 8)
+class _PackedStub(nn.Module):
+    """What GPTQ / AWQ / EETQ / AQLM layers look like: no nn.Linear, no `.weight`, packed integer buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(8, 1, dtype=torch.int32))
+
+    def forward(self, x):
+        return x
 
 
+def _stub_layer(module_path: str, class_name: str, base_cls: type = nn.Linear) -> nn.Module:
+    cls = type(class_name, (base_cls,), {"__module__": module_path})
+    return cls(8, 8) if base_cls is nn.Linear else cls()
+
+
+# GPTQ, AWQ, EETQ and AQLM need CUDA builds, so they cannot install here: stubs named as the real classes
+@pytest.mark.parametrize("base_cls", [nn.Linear, _PackedStub], ids=["linear-with-float-weight", "packed-module"])
 @pytest.mark.parametrize(
     ("module_path", "class_name", "label"),
     [
@@ -233,9 +246,11 @@ def _stub_layer(module_path: str, class_name: str) -> nn.Module:
         ("aqlm.inference", "QuantizedLinear", "AQLM"),
     ],
 )
-def test_unsupported_quantized_layers_are_refused_by_type(module_path, class_name, label):
+def test_unsupported_quantized_layers_are_refused_by_type(module_path, class_name, label, base_cls):
     base = M.OneLinear(8, 8)
-    base.lin = _stub_layer(module_path, class_name)  # an nn.Linear subclass with a float weight: checked first
+    # an nn.Linear subclass with a float weight would pass the nn.Linear check; a packed module would fail it with
+    # "only torch.nn.Linear and Conv1D": the quantization refusal comes first in both cases
+    base.lin = _stub_layer(module_path, class_name, base_cls)
     with pytest.raises(TypeError, match=rf"is a {module_path}\.{class_name} \({label} is not supported\).*Supported"):
         get_peft_model(base, nora.NoraConfig(r=4, r_inner=2, target_modules=["lin"]))
 
@@ -261,6 +276,16 @@ def test_a_tensor_subclass_weight_is_refused():
     base.lin.weight = nn.Parameter(base.lin.weight.detach().as_subclass(_OddTensor), requires_grad=False)
     with pytest.raises(TypeError, match=r"its weight is a .*_OddTensor\).*Supported quantized layers"):
         get_peft_model(base, nora.NoraConfig(r=4, r_inner=2, target_modules=["lin"]))
+
+
+def test_a_plain_integer_weight_is_refused_with_the_supported_backends():
+    """int8 values in a plain tensor (no scales, no backend): refused, and the message points at the supported
+    backends, not at "quantized bases are unsupported" (they are supported)."""
+    base = M.OneLinear(8, 8)
+    base.lin.weight = nn.Parameter(torch.ones(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"got dtype torch.int8 in a plain tensor.*bitsandbytes.*torchao.*hqq") as exc:
+        get_peft_model(base, nora.NoraConfig(r=4, r_inner=2, target_modules=["lin"]))
+    assert "not supported" not in str(exc.value)
 
 
 # ---- sharded weights (DeepSpeed ZeRO-3) -----------------------------------------------------------------------------
