@@ -15,7 +15,7 @@ error ||W - dequant(Q(W))|| / ||W||; medians over the 210 projections.
 
     python benchmarks/bench_quantized.py                          # every cell (cached), --recon, then the report
     python benchmarks/bench_quantized.py --seeds 0,1,2 --jobs 2
-    python benchmarks/bench_quantized.py --report                  # tables from the cache into RESULTS.md
+    python benchmarks/bench_quantized.py --report                  # tables + verdicts from the cache (JSON, stdout)
 """
 
 from __future__ import annotations
@@ -227,6 +227,51 @@ def summarize(records: list[dict], recon: dict | None) -> tuple[list[dict], str]
     return rows, table
 
 
+def verdicts(records: list[dict], n_eval: int) -> dict:
+    """The issue's two goals, from the per-seed cells. Accuracy: bench_accuracy's rule (`compare`: |diff| <= 2 x the
+    combined binomial + seed standard error is "within noise", i.e. not resolved). Memory: NoRA on nf4 below QLoRA
+    r=16 on every seed for peak training RSS, and in tensor storage (deterministic)."""
+    from bench_accuracy import _stats, compare, noise_threshold
+
+    def cells(base, method):
+        return sorted((r["result"] for r in records if (r["result"]["base"], r["result"]["method"]) == (base, method)),
+                      key=lambda r: r["seed"])  # fmt: skip
+
+    out: dict = {}
+    nf4, fp32, qlora = cells("nf4", "nora"), cells("fp32", "nora"), cells("nf4", "lora")
+    if nf4 and fp32:
+        a, b = _stats([r["accuracy"] for r in nf4]), _stats([r["accuracy"] for r in fp32])
+        word, diff = compare(a, b, n_eval)
+        out["accuracy_nf4_vs_fp32_nora"] = {
+            "verdict": word, "diff": round(diff, 4), "noise": round(noise_threshold(a, b, n_eval), 4),
+            "seeds": [len(nf4), len(fp32)], "goal_met": word.startswith("within noise") or word == "holds",
+        }  # fmt: skip
+    if nf4 and qlora:
+        rss_nora, rss_qlora = [r["train_peak_rss_mb"] for r in nf4], [r["train_peak_rss_mb"] for r in qlora]
+        bytes_nora = sum(nf4[0]["model_bytes"].values()) / 2**20
+        bytes_qlora = sum(qlora[0]["model_bytes"].values()) / 2**20
+        out["memory_nf4_nora_vs_qlora"] = {
+            "peak_rss_mb": {"nora": rss_nora, "qlora": rss_qlora},
+            "peak_rss_lower_every_seed": max(rss_nora) < min(rss_qlora),
+            "tensor_storage_mb": {"nora": round(bytes_nora, 1), "qlora": round(bytes_qlora, 1)},
+            "tensor_storage_lower": bytes_nora < bytes_qlora,
+        }
+    return out
+
+
+def verdict_text(v: dict) -> str:
+    lines = []
+    if a := v.get("accuracy_nf4_vs_fp32_nora"):
+        lines.append(f"NoRA nf4 - NoRA fp32 accuracy = {100 * a['diff']:+.1f} pts, noise threshold "
+                     f"{100 * a['noise']:.1f} pts ({a['seeds'][0]}/{a['seeds'][1]} seeds): {a['verdict']}")  # fmt: skip
+    if m := v.get("memory_nf4_nora_vs_qlora"):
+        rss = m["peak_rss_mb"]
+        lines.append(f"peak training RSS, NoRA nf4 {rss['nora']} MB vs QLoRA {rss['qlora']} MB: lower on every seed "
+                     f"{m['peak_rss_lower_every_seed']}; tensor storage {m['tensor_storage_mb']['nora']} vs "
+                     f"{m['tensor_storage_mb']['qlora']} MB: lower {m['tensor_storage_lower']}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bases", default=",".join(BASES))
@@ -251,7 +296,9 @@ def main(argv=None) -> int:
         (b, m, int(s)) for b in args.bases.split(",") for m in args.methods.split(",") for s in args.seeds.split(",")
     ]
     if args.report:
-        records = [C.read_json(p) for p in sorted((C.CACHE_DIR / BENCH).glob("*.json")) if not p.name.startswith("recon")]
+        records = [
+            C.read_json(p) for p in sorted((C.CACHE_DIR / BENCH).glob("*.json")) if not p.name.startswith("recon")
+        ]
     else:
         records = run_cells(cells, args)
     recon_path = C.cache_path(BENCH, "recon", 0)
@@ -259,9 +306,11 @@ def main(argv=None) -> int:
     if not args.report and not args.no_recon and recon is None:
         recon = C.cached_run(BENCH, "recon", 0, run_recon)["result"]
     rows, table = summarize(records, recon)
-    C.write_json(RESULT_JSON, C.result_payload(BENCH, rows, reconstruction=recon, params=params,
+    verdict = verdicts(records, args.test_examples)
+    C.write_json(RESULT_JSON, C.result_payload(BENCH, rows, reconstruction=recon, params=params, verdicts=verdict,
                                                cells=[r["result"] for r in records]))  # fmt: skip
     print(table)
+    print(verdict_text(verdict))
     return 0
 
 
