@@ -123,7 +123,7 @@ def test_inner_grad_is_an_identity_and_aligns_a_with_the_top_right_singular_dire
     if outer == "awsvd":  # R_A != I: A = V^T S^-1 is not orthonormal
         nora.calibrate(work, config, [{"x": b["x"], "labels": b["labels"]} for b in data], progress=False)
     model = get_peft_model(work, config)
-    with pytest.raises(RuntimeError, match=r"nora.gradient_init\(model, batches\)"):
+    with pytest.raises(RuntimeError, match=r"nora.gradient_init\(model, config, batches\)"):
         model(**data[0])  # placeholders until gradient_init runs
     nora.gradient_init(model, config, data, progress=False)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def test_unknown_outer_scaling_is_refused():
         nora.NoraConfig(outer_scaling="unit")
     with pytest.raises(ValueError, match=r"unknown outer_scaling='unit'"):
         init_outer(random_matrix(4, 4), 2, "svd", outer_scaling="unit")
-    with pytest.raises(ValueError, match=r"call nora.gradient_init\(model, batches\) after get_peft_model"):
+    with pytest.raises(ValueError, match=r"call nora.gradient_init\(model, config, batches\) after get_peft_model"):
         init_outer(random_matrix(4, 4), 2, "grad")
 
 
