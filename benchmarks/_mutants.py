@@ -185,7 +185,11 @@ MODEL = [
     Mutant("model-gpt2-targets", "model.py", '"gpt2": ["c_attn", "c_proj", "c_fc"],', '"gpt2": ["c_attn", "c_proj"],',
            "GPT-2 default targets miss c_fc"),
     Mutant("model-inactive-trainable", "model.py", "            new_module.requires_grad_(False)\n",
-           "            pass\n", "an added (inactive) adapter is trainable"),
+           "            pass\n", "an added (inactive) adapter is trainable",
+           equivalent="PEFT 0.21's BaseTuner.inject_adapter ends with set_adapter(active_adapters), which sets "
+           "requires_grad on every layer after _create_and_replace, so the line (kept from LoRA's _create_and_replace) "
+           "has no observable effect; test_params::test_an_added_adapter_stays_frozen_until_it_is_set_active checks "
+           "the behaviour on a wrapped and on a newly wrapped module"),
     Mutant("model-fingerprint-last-only", "model.py",
            "config.base_fingerprint = {**(config.base_fingerprint or {}), key: actual}",
            "config.base_fingerprint = {key: actual}", "the fingerprint keeps only the last module"),

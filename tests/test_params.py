@@ -103,14 +103,17 @@ def test_gpt2_default_targets_are_attention_and_both_mlp_projections():
 
 
 def test_an_added_adapter_stays_frozen_until_it_is_set_active():
-    """add_adapter must not add trainable parameters (PEFT's contract): only the active adapter trains."""
+    """add_adapter must not add trainable parameters (PEFT's contract), on a layer NoRA already wraps (q_proj) and on a
+    module it wraps anew (v_proj): only the active adapter trains."""
     r, r_inner = 8, 4
-    model = get_peft_model(M.OneLinear(12, 10), nora.NoraConfig(r=r, r_inner=r_inner, target_modules=["lin"]))
-    model.add_adapter("b", nora.NoraConfig(r=r, r_inner=2, structure="parallel", target_modules=["lin"]))
+    model = get_peft_model(M.build("llama"), nora.NoraConfig(r=r, r_inner=r_inner, target_modules=["q_proj"]))
+    model.add_adapter("b", nora.NoraConfig(r=r, r_inner=2, structure="parallel", target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(".default") for n in trainable), trainable
+    assert trainable and all(".q_proj." in n and n.endswith(".default") for n in trainable), trainable
     assert count_trainable(model) == 2 * r * r_inner
     model.set_adapter("b")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".b") for n in trainable), trainable
-    assert count_trainable(model) == expected_trainable("parallel", 12, r, 2)
+    layers = dict(nora_layers(model))
+    assert sorted(n.rsplit(".", 1)[-1] for n in layers) == ["q_proj", "v_proj"]
+    assert count_trainable(model) == sum(expected_trainable("parallel", x.out_features, r, 2) for x in layers.values())
