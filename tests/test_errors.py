@@ -526,9 +526,8 @@ def test_cli_calibration_samples_leave_a_rank_without_data():
     assert len(list(calibration_batches(features, args, rank=0, world=2, pad_id=0))) == 1
     with pytest.raises(HarnessError, match=r"--calib-samples 1 leaves no calibration example for rank 1"):
         list(calibration_batches(features, args, rank=1, world=2, pad_id=0))
-    args = argparse.Namespace(grad_init_samples=1, batch_size=4)
     with pytest.raises(HarnessError, match=r"--grad-init-samples 1 leaves no gradient-init example for rank 1"):
-        list(calibration_batches(features, args, 1, 2, 0, "--grad-init-samples", True))
+        list(calibration_batches(features, args, rank=1, world=2, pad_id=0, samples=1, labels=True))
 
 
 def test_cli_eval_without_a_model(capsys, tiny_task_dir):

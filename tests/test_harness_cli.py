@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import nora
 from conftest import assert_same_adapter
 from nora.cli import build_parser, main, parse_args
+from nora.harness import HarnessError
 from nora.harness.train import NORA_SKIPPED_FIELDS, run_train
 
 TINY = ["--r", "8", "--r-inner", "4", "--batch-size", "4", "--no-progress"]
@@ -198,16 +199,29 @@ def test_awsvd_calibrates_before_training(tiny_llama_dir, tiny_task_dir, tmp_pat
     assert metrics["peft_config"]["outer_init"] == "awsvd"
 
 
-@pytest.mark.parametrize("extra", [["--inner-init", "grad"], ["--method", "loraxs", "--outer-init", "grad",
-                                   "--outer-scaling", "orthonormal", "--inner-init", "grad_step",
-                                   "--grad-estimator", "sign", "--grad-first-step-lr", "1e-3"]])  # fmt: skip
+@pytest.mark.parametrize("extra", [["--inner-init", "grad", "--grad-init-samples", "4"], ["--method", "lorasb"]])
 def test_gradient_informed_inits_run_before_training(extra, tiny_llama_dir, tiny_task_dir, tmp_path):
-    """`nora train` calls nora.gradient_init on the first --grad-init-samples examples: until it has run, a NoRA
-    layer with a gradient-informed init refuses to run, so one optimizer step proves the factors were filled."""
-    argv = ["--max-steps", "1", "--grad-init-samples", "4", *extra]
+    """`nora train` calls nora.gradient_init on the first --grad-init-samples examples (LoRA-SB: ~0.1 % of the
+    training set, at least 2): until it has run, a NoRA layer with a gradient-informed init refuses to run, so one
+    optimizer step proves the factors were filled."""
+    argv = ["--max-steps", "1", "--warmup-steps", "4", "--lr", "2e-3", *extra]
     metrics = run_train(parse_args(_train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, *argv)))
-    assert metrics["calibration"]["grad_init_samples"] == 4 and metrics["steps"] == 1
-    assert metrics["peft_config"]["inner_init"] == extra[extra.index("--inner-init") + 1]
+    assert metrics["steps"] == 1
+    cfg = metrics["peft_config"]
+    if "lorasb" in extra:
+        assert metrics["calibration"]["grad_init_samples"] == 2
+        assert (cfg["structure"], cfg["outer_init"], cfg["outer_scaling"], cfg["inner_init"], cfg["alpha"]) == (
+            "adapter", "grad", "orthonormal", "grad_step", None)  # fmt: skip
+        assert cfg["grad_estimator"] == "sign" and cfg["grad_first_step_lr"] == pytest.approx(2e-3 / 4)
+        assert metrics["trainable_params"] == 8 * 8 * 7 * 2  # one r x r core per module (7 x 2 layers), like LoRA-XS
+    else:
+        assert metrics["calibration"]["grad_init_samples"] == 4 and cfg["inner_init"] == "grad"
+
+
+def test_lorasb_refuses_a_conflicting_nora_flag(tiny_llama_dir, tiny_task_dir, tmp_path):
+    argv = _train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, "--method", "lorasb", "--outer-init", "awsvd")
+    with pytest.raises(HarnessError, match=r"--method lorasb sets --outer-init grad; drop --outer-init awsvd"):
+        run_train(parse_args(argv))
 
 
 def test_every_nora_config_field_is_a_train_flag():

@@ -60,15 +60,17 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
                    help="output: train on the data's response ('the correct answer is answer2'); cloze: on the gold "
                    "option's text after the question alone (matches `nora eval --protocol cloze`)")  # fmt: skip
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="nora", choices=METHODS, help="loraxs = NoRA with structure='adapter'")
+    m.add_argument("--method", default="nora", choices=METHODS, help="loraxs = NoRA with structure='adapter'; "
+                   "lorasb = LoRA-SB (adapter + its gradient init, s = 1)")  # fmt: skip
     m.add_argument("--target-modules", type=split_list, default=None, help="comma-separated names, a regex or "
                    "'all-linear' (default: all linear projections of the blocks)")  # fmt: skip
     m.add_argument("--lora-r", type=int, default=16, help="rank of lora/dora/pissa/vera")
     m.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * --lora-r)")
     m.add_argument("--lora-dropout", type=float, default=0.0)
     m.add_argument("--calib-samples", type=int, default=64, help="training examples for AwSVD calibration")
-    m.add_argument("--grad-init-samples", type=int, default=64, help="training examples for nora.gradient_init "
-                   "(--inner-init grad|grad_step, --outer-init grad); LoRA-SB uses ~0.1%% of the training set")  # fmt: skip
+    m.add_argument("--grad-init-samples", type=int, default=None, help="training examples for nora.gradient_init "
+                   "(--inner-init grad|grad_step, --outer-init grad); default 64, for --method lorasb ~0.1%% of the "
+                   "training set (at least 2)")  # fmt: skip
     m.add_argument("--init-threads", type=int, default=None, help="torch threads for the adapter initialisation "
                    "(SVD); default 1 on machines with <= 4 cores, where threaded LAPACK SVD is much slower")  # fmt: skip
     add_nora_arguments(p)

@@ -35,13 +35,17 @@ from . import HarnessError
 from .checkpoints import CrashSafeTrainer, last_checkpoint, save_final_model, save_pissa_init
 from .data import Fields, as_cloze_training, load_task
 from .digest import rank_digests
+from .lorasb import apply_lorasb, grad_init_samples
 from .models import load_model
 from .prompts import IGNORE_INDEX, PadCollator, PromptBuilder, encode_all, response_positions
 from .runinfo import peak_rss_mb, versions, write_run_config
 
-METHODS = ("nora", "lora", "dora", "pissa", "vera", "loraxs", "full")
+METHODS = ("nora", "lora", "dora", "pissa", "vera", "loraxs", "lorasb", "full")
+#: the methods that are NoRA configurations (their NoraConfig fields are `nora train` flags)
+NORA_METHODS = ("nora", "loraxs", "lorasb")
 #: default learning rate per method (NoRA / LoRA-XS / VeRA train few parameters and want a larger step)
-DEFAULT_LR = {"nora": 2e-3, "loraxs": 2e-3, "vera": 4e-3, "lora": 2e-4, "dora": 2e-4, "pissa": 2e-4, "full": 2e-5}
+DEFAULT_LR = {"nora": 2e-3, "loraxs": 2e-3, "lorasb": 2e-3, "vera": 4e-3, "lora": 2e-4, "dora": 2e-4, "pissa": 2e-4,
+              "full": 2e-5}  # fmt: skip
 #: NoraConfig fields that are not `nora train` flags (set by the harness, PEFT internals, or save-time metadata)
 NORA_SKIPPED_FIELDS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -72,7 +76,7 @@ def nora_fields() -> list[dataclasses.Field]:
 def add_nora_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per NoraConfig field (--r, --r-inner, --alpha, --structure, --outer-init, ...), generated from the
     dataclass so the CLI never drifts from the config; help texts are the fields' own."""
-    group = parser.add_argument_group("NoRA (NoraConfig fields; also used by --method loraxs)")
+    group = parser.add_argument_group("NoRA (NoraConfig fields; also used by --method loraxs / lorasb)")
     for f in nora_fields():
         kind = str(f.type)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
@@ -101,7 +105,7 @@ def target_modules(args: argparse.Namespace, model) -> list[str] | str | None:
     """--target-modules, else None for NoRA (its own per-family default) and that same default list otherwise."""
     if args.target_modules:
         return args.target_modules
-    if args.method in ("nora", "loraxs"):
+    if args.method in NORA_METHODS:
         return None
     try:
         return list(default_target_modules(model.config.model_type, type(model).__name__))
@@ -114,7 +118,7 @@ def build_peft_config(args: argparse.Namespace, model):
     from peft import LoraConfig, VeraConfig
 
     targets = target_modules(args, model)
-    if args.method in ("nora", "loraxs"):
+    if args.method in NORA_METHODS:
         kwargs = {f.name: getattr(args, f.name) for f in nora_fields()}
         if args.method == "loraxs":
             kwargs["structure"] = "adapter"
@@ -149,6 +153,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise HarnessError("no output directory: pass --out DIR.")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
+    if args.method == "lorasb":
+        apply_lorasb(args)
     if args.lora_alpha is None:
         args.lora_alpha = 2 * args.lora_r
     if args.init_threads is None:
@@ -271,10 +277,11 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
 
 
 def calibration_batches(features: list[dict], args: argparse.Namespace, rank: int, world: int, pad_id: int,
-                        flag: str = "--calib-samples", labels: bool = False):  # fmt: skip
-    """This rank's share of the first `flag` (--calib-samples / --grad-init-samples) training examples, batched
-    (nora.calibrate and nora.gradient_init all-reduce); `labels` keeps the loss labels (the gradient needs them)."""
-    samples = getattr(args, flag.lstrip("-").replace("-", "_"))
+                        samples: int | None = None, labels: bool = False):  # fmt: skip
+    """This rank's share of the first --calib-samples (or, with `labels`, `samples` gradient-init) training
+    examples, batched (nora.calibrate and nora.gradient_init all-reduce); `labels` keeps the loss labels."""
+    flag = "--grad-init-samples" if labels else "--calib-samples"
+    samples = args.calib_samples if samples is None else samples
     share = features[:samples][rank::world]
     if not share:
         what = "gradient-init" if labels else "calibration"
@@ -332,9 +339,11 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
             model = get_peft_model(model, peft_config)
     if isinstance(peft_config, NoraConfig) and peft_config.needs_gradient_init:
         start = time.perf_counter()
-        batches = calibration_batches(features, args, rank, world, tokenizer.pad_token_id, "--grad-init-samples", True)
-        gradient_init(model, peft_config, batches, progress=args.progress and rank == 0)
-        calibration = (calibration or {}) | {"grad_init_samples": min(args.grad_init_samples, len(features)),
+        samples = grad_init_samples(args, len(features), world)
+        batches = calibration_batches(features, args, rank, world, tokenizer.pad_token_id, samples, labels=True)
+        gradient_init(model, peft_config, batches, train_mode=args.method == "lorasb",  # LoRA-SB: dropout on
+                      progress=args.progress and rank == 0)  # fmt: skip
+        calibration = (calibration or {}) | {"grad_init_samples": min(samples, len(features)),
                                              "grad_init_seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     outer_sha256 = rank_digests(model)  # every rank's frozen factors, before DDP broadcasts rank 0's buffers
     # rank 0 saves the final adapter, so it alone keeps PiSSA's initial adapter for the conversion (save_final_model)
