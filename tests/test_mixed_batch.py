@@ -163,6 +163,30 @@ def test_cached_row_matrices_follow_new_inner_factors():
     assert_rows_match(model, batch, names)
 
 
+def test_row_stacks_fold_once_across_batch_layouts(monkeypatch):
+    """Without autograd each adapter's inner matrices are folded once and reused when the batch layout changes (a
+    server alternating batches); each layout still gives every row its own adapter."""
+    model = multi_adapter_model(names=("x", "y"), layers=1)
+    layer = dict(nora_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"]
+    folds = []
+    row_matrices = mixed_batch._row_matrices
+    monkeypatch.setattr(mixed_batch, "_row_matrices", lambda lay, a: folds.append(a) or row_matrices(lay, a))
+    monkeypatch.setattr(mixed_batch, "_use_shared", lambda *a, **k: True)
+    x = torch.randn(3, 2, layer.in_features)
+    for names in (["x", "y", "y"], ["y", "x", "x"], ["x", "y", "y"], ["y", "y", "x"]):
+        with torch.no_grad():
+            out = mixed_batch.mixed_forward(layer, x, adapter_names=mixed_batch.RowNames(names))
+        for i, name in enumerate(names):
+            expect = layer.base_layer(x[i]) + layer.adapter_delta(name, x[i])
+            torch.testing.assert_close(out[i], expect, atol=1e-6, rtol=0)
+    assert sorted(folds) == ["x", "y"]
+    with torch.no_grad():
+        layer.nora_inner_B["y"].mul_(2.0)  # an in-place update refolds (both: one stack per class)
+        out = mixed_batch.mixed_forward(layer, x, adapter_names=["y", "x", "y"])
+    assert sorted(folds) == ["x", "x", "y", "y"]
+    torch.testing.assert_close(out[0], layer.base_layer(x[0]) + layer.adapter_delta("y", x[0]), atol=1e-6, rtol=0)
+
+
 def generate_each(model, batch, names, **kwargs):
     out = []
     for i, name in enumerate(names):

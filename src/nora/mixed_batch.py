@@ -46,7 +46,7 @@ def _inject_wrapper(module, args, kwargs, adapter_names):
     """The pre-hook of a `modules_to_save` wrapper: a row whose adapter has no copy of this module gets the original
     (PEFT's wrapper would raise KeyError). PEFT's wrapper ignores the names and passes every row through the original
     module when an active adapter lacks a copy; refuse that instead of returning rows without their copy."""
-    mapped = [n if n in module._adapters else BASE for n in adapter_names]
+    mapped = RowNames([n if n in module._adapters else BASE for n in adapter_names])
     passthrough = module.disable_adapters or any(a not in module._adapters for a in module.active_adapters or [])
     if passthrough and any(n != BASE for n in mapped):
         needed = sorted({n for n in mapped if n != BASE})
@@ -59,13 +59,63 @@ def _inject_wrapper(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
+class RowNames(list):
+    """The names injected into every layer of one forward: the list itself plus its row grouping (adapter -> rows)
+    and the row-index tensors, computed once per forward instead of once per layer."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(names)
+        self.rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self):
+            self.rows.setdefault(name, []).append(i)
+        self._index: dict[tuple, torch.Tensor] = {}
+
+    def row_index(self, rows: Sequence[int], device) -> torch.Tensor:
+        key = (tuple(rows), device)
+        if key not in self._index:
+            self._index[key] = torch.as_tensor(rows, device=device)
+        return self._index[key]
+
+
+def _group_rows(adapter_names: Sequence[str]) -> dict[str, list[int]]:
+    if isinstance(adapter_names, RowNames):
+        return adapter_names.rows
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(i)
+    return rows
+
+
+def _row_index(adapter_names: Sequence[str], rows: Sequence[int], device) -> torch.Tensor:
+    if isinstance(adapter_names, RowNames):
+        return adapter_names.row_index(rows, device)
+    return torch.as_tensor(rows, device=device)
+
+
 def _hook_for(module: nn.Module, adapter_names: list[str]):
     inject = _inject_wrapper if isinstance(module, AuxiliaryTrainingWrapper) else _inject
     return module.register_forward_pre_hook(partial(inject, adapter_names=adapter_names), with_kwargs=True)
 
 
+def _is_nora(module: nn.Module) -> bool:
+    return isinstance(module, BaseTunerLayer) and hasattr(module, "nora_inner_B")
+
+
 def _nora_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "nora_inner_B")]
+    return [m for m in model.modules() if _is_nora(m)]
+
+
+def _hook_modules(root: nn.Module) -> list[nn.Module]:
+    """Tuner layers and modules_to_save wrappers under root, in one walk that skips a NoRA layer's per-adapter
+    containers (dropouts, parameter and buffer dicts: most of the modules once many adapters are loaded)."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            found.append(module)
+        children = [module.base_layer] if _is_nora(module) else module._modules.values()
+        stack.extend(c for c in children if c is not None)
+    return found
 
 
 def _expand_size(kwargs: dict) -> int:
@@ -100,7 +150,7 @@ def _refuse_merged(merged: list[str]) -> None:
     )
 
 
-def check_adapter_names(tuner: nn.Module, adapter_names: Any) -> list[str]:
+def check_adapter_names(tuner: nn.Module, adapter_names: Any, layers: list | None = None) -> list[str]:
     """The validated list of names; one clear error for a wrong type, training mode, merged layers, unknown names."""
     names = _check_names_type(adapter_names)
     if tuner.training:
@@ -108,7 +158,7 @@ def check_adapter_names(tuner: nn.Module, adapter_names: Any) -> list[str]:
             "adapter_names (mixed-batch inference) is refused in training mode: call model.eval() first; train each "
             "adapter on its own with model.set_adapter(name)."
         )
-    layers = _nora_layers(tuner)
+    layers = _nora_layers(tuner) if layers is None else layers
     merged = sorted({a for layer in layers for a in layer.merged_adapters})
     if merged:
         _refuse_merged(merged)
@@ -132,7 +182,8 @@ def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]
     if adapter_names is None:
         yield
         return
-    names = check_adapter_names(tuner, adapter_names)
+    modules = _hook_modules(tuner)
+    names = check_adapter_names(tuner, adapter_names, layers=[m for m in modules if _is_nora(m)])
     batch = _input_batch_size(args, kwargs)
     if batch is not None and batch != len(names):
         raise ValueError(
@@ -140,16 +191,13 @@ def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]
             f"('{BASE}' for the plain base model)."
         )
     expand = _expand_size(kwargs)
-    expanded = [n for n in names for _ in range(expand)]  # generate repeats each row `expand` times, in place
-    modules = [m for m in tuner.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    expanded = RowNames([n for n in names for _ in range(expand)])  # generate repeats each row `expand` times
     handles = [_hook_for(m, expanded) for m in modules]
     root = tuner.model if isinstance(tuner, BaseTuner) else tuner
     encoder = root.get_encoder() if hasattr(root, "get_encoder") else None
     if expand > 1 and encoder is not None and encoder is not root:
         # an encoder-decoder's encoder runs once on the original rows; the later hook overrides the expanded names
-        for m in encoder.modules():
-            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-                handles.append(_hook_for(m, names))
+        handles += [_hook_for(m, RowNames(names)) for m in _hook_modules(encoder)]
     try:
         yield
     finally:
@@ -192,7 +240,8 @@ def guard_base_model(model: nn.Module) -> None:
 
 
 def _check_layer_call(layer, x: torch.Tensor, adapter_names: Any) -> None:
-    _check_names_type(adapter_names)
+    if not isinstance(adapter_names, RowNames):  # RowNames: validated once for the whole forward
+        _check_names_type(adapter_names)
     if x.dim() < 2 or x.shape[0] != len(adapter_names):
         raise ValueError(
             f"adapter_names has {len(adapter_names)} names but this layer's input has "
@@ -244,16 +293,35 @@ def _same_outer(layer, a: str, b: str) -> bool:
 
 
 def outer_classes(layer, adapters: list[str]) -> list[list[str]]:
-    """Partition adapters into classes with the same outer factors (order of first appearance)."""
-    classes: list[list[str]] = []
+    """Partition adapters into classes with the same outer factors (order of first appearance). Adapters holding the
+    same tensors (nora.sharing) are grouped by identity first; only distinct tensors are compared by content."""
+    B, A, structure = layer.nora_B._buffers, layer.nora_A._buffers, layer.structure
+    by_tensor: dict[tuple, list[str]] = {}
     for a in adapters:
+        by_tensor.setdefault((id(B[a]), id(A[a]), structure[a]), []).append(a)
+    classes: list[list[str]] = []
+    for group in by_tensor.values():
         for cls in classes:
-            if _same_outer(layer, cls[0], a):
-                cls.append(a)
+            if _same_outer(layer, cls[0], group[0]):
+                cls.extend(group)
                 break
         else:
-            classes.append([a])
+            classes.append(group)
     return classes
+
+
+def _class_layout(adapter_names: Sequence[str], cls: list[str], rows: dict) -> tuple[list[int], list[int]]:
+    """(the rows of the class's adapters in batch order, each such row's position in cls); once per forward."""
+    cache = adapter_names.__dict__.setdefault("_layouts", {}) if isinstance(adapter_names, RowNames) else None
+    key = tuple(cls)
+    if cache is not None and key in cache:
+        return cache[key]
+    cls_rows = sorted(i for a in cls for i in rows[a])
+    position = {a: j for j, a in enumerate(cls)}
+    layout = (cls_rows, [position[adapter_names[i]] for i in cls_rows])
+    if cache is not None:
+        cache[key] = layout
+    return layout
 
 
 def _row_matrices(layer, adapter: str) -> list[torch.Tensor]:
@@ -291,26 +359,50 @@ def _plan_shapes(layer, adapter: str) -> tuple[int, int, int]:
     }[layer.structure[adapter]]
 
 
+def _stamp(layer, cls: list[str]) -> tuple | None:
+    """What the folded inner matrices of `cls` depend on: the inner parameters (object and in-place version counter)
+    and scalings; None when they cannot be cached (autograd on, or inference tensors without a version counter)."""
+    if torch.is_grad_enabled():
+        return None
+    inner_B, inner_A = layer.nora_inner_B._parameters, layer.nora_inner_A._parameters
+    params = [t for a in cls for t in (inner_B[a], inner_A.get(a)) if t is not None]
+    try:
+        versions = tuple(t._version for t in params)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+    return tuple(params), versions, tuple(layer.scaling[a] for a in cls)
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and a[2] == b[2] and len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0]))
+
+
 def _row_stacks(layer, cls: list[str], row_adapter: list[int], dtype, device) -> list[torch.Tensor]:
-    """Per stage, the rows' own small matrices stacked as (rows, in, out) for torch.bmm. Without autograd they are
-    cached on the layer until an inner factor changes (in-place version counter), so a decode step pays no folding."""
-    params = [t for a in cls for t in (layer.nora_inner_B[a], layer.nora_inner_A.get(a)) if t is not None]
-    key = None
-    if not torch.is_grad_enabled():
-        try:
-            key = (tuple(cls), tuple(row_adapter), dtype, tuple((id(t), t._version) for t in params))
-            key += tuple(layer.scaling[a] for a in cls)
-        except RuntimeError:  # inference tensors have no version counter
-            key = None
-        cached = layer.__dict__.get("_nora_row_stacks")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-    plans = [[m.to(dtype) for m in _row_matrices(layer, a)] for a in cls]
-    index = torch.as_tensor(row_adapter, device=device)
-    stacks = [torch.stack([plan[stage].T for plan in plans])[index] for stage in range(len(plans[0]))]
-    if key is not None:
-        layer.__dict__["_nora_row_stacks"] = (key, stacks)  # one entry per layer: the last batch layout
-    return stacks
+    """Per stage, the rows' own small matrices stacked as (rows, in, out) for torch.bmm. Without autograd, the
+    adapters' folded matrices (one (adapters, in, out) stack per class) and their per-layout gathers are cached on the
+    layer until an inner factor changes (in-place version counter), so a decode step pays no folding and a new batch
+    layout only one index_select per stage."""
+    stamp = _stamp(layer, cls)
+    cache = layer.__dict__.setdefault("_nora_row_stacks", {})
+    key = (tuple(cls), dtype, device)
+    entry = cache.get(key)
+    if stamp is None or entry is None or not _same_stamp(entry[0], stamp):
+        plans = [[m.to(dtype) for m in _row_matrices(layer, a)] for a in cls]
+        stacks = [torch.stack([plan[stage].T for plan in plans]).to(device) for stage in range(len(plans[0]))]
+        if stamp is None:
+            index = torch.as_tensor(row_adapter, device=device)
+            return [stack.index_select(0, index) for stack in stacks]
+        if len(cache) >= 8:  # a few classes / adapter subsets per layer; the stamp holds the parameters alive
+            cache.clear()
+        entry = cache[key] = (stamp, stacks, {})
+    layouts = entry[2]
+    layout = tuple(row_adapter)
+    if layout not in layouts:
+        if len(layouts) >= 8:
+            layouts.clear()
+        index = torch.as_tensor(row_adapter, device=device)
+        layouts[layout] = [stack.index_select(0, index) for stack in entry[1]]
+    return layouts[layout]
 
 
 def _shared_delta(layer, x: torch.Tensor, row_adapter: list[int], cls: list[str]) -> torch.Tensor:
@@ -333,10 +425,8 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, adapter_names: Sequence[st
     """A NoRA layer's forward with one adapter per batch row (`"__base__"` or an adapter this layer lacks: base)."""
     _check_layer_call(layer, x, adapter_names)
     result = layer.base_layer(x, *args, **kwargs)
-    rows: dict[str, list[int]] = {}
-    for i, name in enumerate(adapter_names):
-        if name != BASE and name in layer.nora_inner_B:
-            rows.setdefault(name, []).append(i)
+    own = layer.nora_inner_B._parameters
+    rows = {a: idx for a, idx in _group_rows(adapter_names).items() if a != BASE and a in own}
     if not rows:
         return result
     for a in rows:
@@ -344,16 +434,14 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, adapter_names: Sequence[st
     per_row = x[0].numel() // x.shape[-1]  # tokens per row
     tokens = {a: len(idx) * per_row for a, idx in rows.items()}
     out_dtype = result.dtype
-    for cls in outer_classes(layer, list(rows)):
-        cls_rows = sorted(i for a in cls for i in rows[a])
+    for cls in outer_classes(layer, sorted(rows)):  # sorted: one cache entry per adapter set, whatever the layout
+        cls_rows, row_adapter = _class_layout(adapter_names, cls, rows)
         whole = len(cls_rows) == x.shape[0]
         if _use_shared(layer, cls, tokens, whole):
-            position = {a: j for j, a in enumerate(cls)}
-            row_adapter = [position[adapter_names[i]] for i in cls_rows]
             if whole:
                 result = result + _shared_delta(layer, x, row_adapter, cls).to(out_dtype)
             else:
-                index = torch.as_tensor(cls_rows, device=x.device)
+                index = _row_index(adapter_names, cls_rows, x.device)
                 delta = _shared_delta(layer, x.index_select(0, index), row_adapter, cls)
                 result.index_add_(0, index, delta.to(out_dtype))
             continue
@@ -361,6 +449,6 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, adapter_names: Sequence[st
             if len(rows[a]) == x.shape[0]:
                 result = result + layer.adapter_delta(a, x).to(out_dtype)
                 continue
-            index = torch.as_tensor(rows[a], device=x.device)
+            index = _row_index(adapter_names, rows[a], x.device)
             result.index_add_(0, index, layer.adapter_delta(a, x.index_select(0, index)).to(out_dtype))
     return result
