@@ -18,6 +18,11 @@ Design
 - The 8B block: `LlamaForCausalLM` with ONE decoder layer of LLaMA-3-8B's shape (hidden 4096, intermediate 14336, 32
   heads, 8 kv heads; 218M projection weights, 0.87 GB fp32) and a 256-token vocabulary, so the embedding and the
   head are negligible; its input requires grad (`enable_input_require_grads`), as for any layer but the first.
+- Peak RSS depends on the allocator: with glibc's adaptive mmap threshold, freed activations stay in a fragmented
+  heap and the same step peaked anywhere within about +-1.4 GB (SmolLM2 1 x 2048). `--mmap-threshold 1048576` fixes
+  the threshold, so every tensor >= 1 MiB is unmapped when freed and the peak tracks the live bytes; each process also
+  trims the heap (malloc_trim) before the peak is reset. `start_rss_mb` splits the resident set at that point into
+  RssAnon and RssFile (the mmapped safetensors weights: NoRA's SVD init has read them, LoRA's first forward will).
 - Results are written after every process to results/efficiency_activation_memory.json, so a long run can be
   resumed (`--resume`) and read while it runs.
 """
@@ -50,9 +55,10 @@ CELLS = {
     "smollm2:256": ("smollm2", 4, 256),
     "smollm2:1024": ("smollm2", 4, 1024),
     "smollm2:2048": ("smollm2", 4, 2048),
-    # batch 1: what fits beside the other jobs of a shared 23 GB, 2-core machine (4 x 2048 needs > 10 GB per process)
+    # batch 1 / 2: what fits beside the other jobs of a shared 23 GB, 2-core machine
     "smollm2:1x1024": ("smollm2", 1, 1024),
     "smollm2:1x2048": ("smollm2", 1, 2048),
+    "smollm2:2x2048": ("smollm2", 2, 2048),
     "llama8b-block:512": ("llama8b-block", 1, 512),
 }
 BLOCK = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
@@ -137,6 +143,8 @@ def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
     ids = input_ids(model_name, batch, seq)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     setup_peak = _rss_mb()
+    trimmed = _trim_heap()  # the freed heap of model building (NoRA: its SVDs) is not the training step's
+    start_rss = _status_mb()  # RssFile: the mmapped weights NoRA's SVD read (LoRA's first forward reads them later)
     reset_ok = _reset_peak()
 
     def step(record=False):
@@ -169,15 +177,38 @@ def worker(cell: str, method: str, timed: int, threads: int, seed: int) -> dict:
         "cpu_times": [t[1] for t in timed_steps],
         "loss_first": loss0,
         "setup_peak_mb": setup_peak,
+        "start_rss_mb": start_rss,
+        "heap_trimmed": trimmed,
         "train_peak_mb": _rss_mb(),
         "peak_reset": reset_ok,
         "threads": torch.get_num_threads(),
     }
 
 
+def _trim_heap() -> bool:
+    """gc + glibc malloc_trim(0): return the freed heap of model building to the OS before the peak is reset."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def _status_mb() -> dict[str, float]:
+    """VmRSS, RssAnon and RssFile of this process (MB), from /proc/self/status."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    keys = ("VmRSS", "RssAnon", "RssFile")
+    return {k: int(ln.split()[1]) / 1024 for ln in lines for k in keys if ln.startswith(k + ":")}
+
+
 def run_cell_process(cell: str, method: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", cell, method, str(args.timed), str(args.threads)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    if args.mmap_threshold:  # glibc: every block >= this many bytes is mmapped and unmapped on free (no heap growth)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("@@"):
@@ -316,7 +347,7 @@ def run(args) -> int:
                 if sum(r["cell"] == cell and r["method"] == m for r in records) > rep:
                     continue  # resumed
                 rec = run_cell_process(cell, m, args)
-                rec["rep"] = rep
+                rec["rep"], rec["malloc_mmap_threshold"] = rep, args.mmap_threshold or None
                 records.append(rec)
                 print(
                     f"{cell} rep {rep} {m}: saved {rec['saved_bytes'] / 2**20:,.1f} MiB, peak "
@@ -325,8 +356,9 @@ def run(args) -> int:
                 )
                 rows = summarize(records)
                 payload = _common.result_payload(
-                    BENCH, rows, markdown=render(rows), records=records, timed=args.timed, threads=args.threads
-                )
+                    BENCH, rows, markdown=render(rows), records=records, timed=args.timed, threads=args.threads,
+                    malloc_mmap_threshold=args.mmap_threshold or None,
+                )  # fmt: skip
                 _common.write_json(out_path, payload)
             order = order[1:] + order[:1]
     print(render(summarize(records)))
@@ -412,6 +444,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--timed", type=int, default=1, help="timed steps per process after the recorded step")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the results JSON")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="MALLOC_MMAP_THRESHOLD_ of the cell processes (bytes; 0: glibc's adaptive default). A fixed threshold "
+        "(e.g. 1048576) returns every freed tensor of that size to the OS at once, so peak RSS tracks the live bytes "
+        "instead of how the heap happened to fragment",
+    )
     parser.add_argument(
         "--tag", default="", help="suffix of the output JSON (results/efficiency_activation_memory{tag}.json)"
     )
