@@ -138,9 +138,8 @@ class NoraLayer(BaseTunerLayer):
             )
         if skip_init:
             # The factors are about to be loaded from a checkpoint (or the model has no real weights): no SVD.
-            B = torch.zeros(m, r, dtype=weight.dtype, device=weight.device)
-            A = torch.zeros(r, n, dtype=weight.dtype, device=weight.device)
-            sigma = torch.ones(r)
+            zero = torch.zeros((), dtype=self._base_dtype(), device=weight.device)
+            B, A, sigma = zero.expand(m, r), zero.expand(r, n), torch.ones(r)
         else:
             if config.outer_init == "awsvd" and act_mean_abs is None:
                 raise ValueError(
@@ -171,8 +170,13 @@ class NoraLayer(BaseTunerLayer):
             )
         # canonical strides (an SVD factor with a size-1 dim can be "contiguous" with stride (1, m)): a reloaded
         # adapter gets canonical strides too, and matmul results must not depend on the layout
-        self.nora_B[adapter_name] = B.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
-        self.nora_A[adapter_name] = A.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
+        if from_checkpoint and not on_meta:
+            # zero-stride placeholders for the checkpoint's tensors (nora.sharing.adopt_loaded puts them in): loading
+            # an adapter allocates no full-size B, A it would free again
+            self.nora_B[adapter_name], self.nora_A[adapter_name] = B, A
+        else:
+            self.nora_B[adapter_name] = B.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
+            self.nora_A[adapter_name] = A.to(self._base_dtype()).clone(memory_format=torch.contiguous_format)
 
         shape_B, shape_A = inner_shapes(config.structure, m, r, config.r_inner)
         method = config.inner_init if config.init_weights else "gaussian"
