@@ -87,10 +87,24 @@ def verify_tolerance(dtype: torch.dtype) -> float:
     return max(VERIFY_RTOL, 4 * torch.finfo(dtype).eps)
 
 
-def sketch_residual(B, A, record_A: torch.Tensor, record_B: torch.Tensor) -> float:
+def layer_sketches(layer, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sketches(B, A)` cached on the layer while B, A are the same tensors (in-place version counter): loading N
+    adapters that share one outer factorisation verifies against it without N float64 copies of B and A."""
+    try:
+        key = (id(B), id(A), B._version, A._version, B.data_ptr(), A.data_ptr())
+    except RuntimeError:  # inference tensors have no version counter
+        return sketches(B, A)
+    cached = layer.__dict__.get("_nora_sketches")
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__["_nora_sketches"] = (key, sketches(B, A))
+    return cached[1]
+
+
+def sketch_residual(B, A, record_A: torch.Tensor, record_B: torch.Tensor, got=None) -> float:
     """Max over rows of A and columns of B of ||sketch - record|| / ||record|| (rows far below the largest are
-    measured relative to 1e-3 of it, so a column of B with sigma ~ 0 does not divide by ~0)."""
-    got_A, got_B = sketches(B, A)
+    measured relative to 1e-3 of it, so a column of B with sigma ~ 0 does not divide by ~0). `got`: the sketches of
+    (B, A) if already computed."""
+    got_A, got_B = sketches(B, A) if got is None else got
 
     def worst(diff: torch.Tensor, ref: torch.Tensor) -> float:
         ref_norm = ref.norm(dim=1)
@@ -263,7 +277,8 @@ def _verified_twin(layer, adapter, config, configs: dict, scale, record_A, recor
         if scale is not None and not torch.equal(scale.detach().float().cpu(), state["scale"]):
             continue
         B, A = layer.nora_B[other], layer.nora_A[other]
-        if sketch_residual(B, A, record_A, record_B) <= verify_tolerance(B.dtype):
+        got = layer_sketches(layer, B, A)
+        if sketch_residual(B, A, record_A, record_B, got=got) <= verify_tolerance(B.dtype):
             return other
     return None
 
