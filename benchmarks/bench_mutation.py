@@ -151,7 +151,8 @@ def merge(old: dict, new: dict) -> dict:
     rows = {r["id"]: {"commit": old.get("commit"), **r} for r in old.get("mutants", [])}
     rows.update({r["id"]: r for r in new["mutants"]})
     records = [rows[m.id] for m in MUTANTS if m.id in rows]
-    baseline = {**old.get("baseline", {}), **new["baseline"]}
+    in_use = {" ".join(m.tests or CORE_TESTS) for m in MUTANTS}  # a baseline of an older core subset is dropped
+    baseline = {k: v for k, v in {**old.get("baseline", {}), **new["baseline"]}.items() if k in in_use}
     commits = sorted({r["commit"] for r in records if r.get("commit")})
     runs = [*old.get("runs", [old.get("command")]), new["command"]]
     return {**new, "commits": commits, "runs": [c for c in runs if c], "baseline": baseline,
