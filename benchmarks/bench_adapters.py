@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, markdown_table, median, read_json, replace_block, result_payload, write_json  # noqa: E402
+from _common import RESULTS_DIR, markdown_table, median, read_json, replace_block, result_payload, write_json
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, R_INNER = 64, 32
@@ -151,10 +151,10 @@ def run_repro(args) -> dict:
                 "fp64_aligned_t2": (B64s.float(), A64s.float()),
             }  # fmt: skip
         res = {
-            "fp32_sketch": max(compact.sketch_residual(*table[n]["fp32_sketch_t2"], *compact.sketches(*table[n]["fp32_t1"])) for n in f1),  # noqa: E501
-            "fp32_naive": max(compact.sketch_residual(*table[n]["fp32_t2"], *compact.sketches(*table[n]["fp32_t1"])) for n in f1),  # noqa: E501
-            "fp64_naive": max(compact.sketch_residual(*table[n]["fp64_t2"], *compact.sketches(*table[n]["fp64_t1"])) for n in f1),  # noqa: E501
-            "fp64_aligned": max(compact.sketch_residual(*table[n]["fp64_aligned_t2"], *compact.sketches(*table[n]["fp64_t1"])) for n in f1),  # noqa: E501
+            "fp32_sketch": max(compact.sketch_residual(*table[n]["fp32_sketch_t2"], *compact.sketches(*table[n]["fp32_t1"])) for n in f1),
+            "fp32_naive": max(compact.sketch_residual(*table[n]["fp32_t2"], *compact.sketches(*table[n]["fp32_t1"])) for n in f1),
+            "fp64_naive": max(compact.sketch_residual(*table[n]["fp64_t2"], *compact.sketches(*table[n]["fp64_t1"])) for n in f1),
+            "fp64_aligned": max(compact.sketch_residual(*table[n]["fp64_aligned_t2"], *compact.sketches(*table[n]["fp64_t1"])) for n in f1),
         }  # fmt: skip
         logits = {w: _logits(model, table, w, tokens) for w in table[next(iter(table))]}
         delta = (logits["fp32_t1"] - base_logits).norm()
@@ -287,7 +287,29 @@ def run_files(args) -> dict:
 
 
 # ================================================================================================ memory
-def _memory_child(kind: str, root: str, n: int) -> None:
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc keeps freed load-time temporaries mapped; not live memory)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _live_storage(model) -> dict:
+    """Bytes of the live tensor storages of the adapters (unique storage data_ptrs of every parameter and buffer
+    outside the base layers), split into outer factors (nora_B / nora_A) and the rest; and how many distinct
+    outer-factor storages the model holds (shared outer factors: one per module, whatever the adapter count)."""
+    seen: dict[int, tuple[str, int]] = {}
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".base_layer." in key or not ("nora_" in key or "lora_" in key):
+            continue
+        storage = t.untyped_storage()
+        seen.setdefault(storage.data_ptr(), (key, storage.nbytes()))
+    outer = {p: b for p, (k, b) in seen.items() if ".nora_B." in k or ".nora_A." in k}
+    return {"live_adapter_bytes": sum(b for _, b in seen.values()), "live_outer_bytes": sum(outer.values()),
+            "outer_storages": len(outer)}  # fmt: skip
+
+
+def _memory_child(kind: str, root: str, n: int, trim: bool) -> None:
     import torch
     from peft import PeftModel
 
@@ -296,24 +318,25 @@ def _memory_child(kind: str, root: str, n: int) -> None:
     _threads(1)
     base = _smollm2()
     gc.collect()
+    if trim:
+        _malloc_trim()
     before = _rss_mb()
     dirs = sorted(Path(root).iterdir())[:n]
     model = PeftModel.from_pretrained(base, dirs[0], adapter_name="a0")
     for i, d in enumerate(dirs[1:], 1):
         model.load_adapter(d, adapter_name=f"a{i}")
+        if trim:
+            gc.collect()
+            _malloc_trim()
     gc.collect()
+    if trim:
+        _malloc_trim()
     after = _rss_mb()
-    adapter_bytes = sum(
-        t.numel() * t.element_size()
-        for t in {id(t): t for k, t in model.state_dict().items() if ".base_layer." not in k and "nora_" in k
-                  or "lora_" in k}.values()
-    )  # fmt: skip
     inner = sum(p.numel() * p.element_size() for k, p in model.named_parameters() if "inner" in k or "lora_" in k)
     with torch.no_grad():
         model(input_ids=_tokens(batch=1, seq=8))
-    print(json.dumps({"kind": kind, "n": n, "rss_base_mb": before, "rss_loaded_mb": after,
-                      "peak_rss_mb": _peak_rss_mb(), "unique_adapter_tensor_bytes": adapter_bytes,
-                      "trainable_bytes": inner}))  # fmt: skip
+    print(json.dumps({"kind": kind, "n": n, "malloc_trim": trim, "rss_base_mb": before, "rss_loaded_mb": after,
+                      "peak_rss_mb": _peak_rss_mb(), **_live_storage(model), "trainable_bytes": inner}))  # fmt: skip
 
 
 def _make_many(tmp: Path, counts: int) -> dict[str, Path]:
@@ -347,29 +370,42 @@ def _make_many(tmp: Path, counts: int) -> dict[str, Path]:
 
 
 def run_memory(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="nora-mem-"))
-    roots = _make_many(tmp, max(args.counts))
-    rows = []
-    for kind in args.kinds:
-        for n in args.counts:
-            out = subprocess.run([sys.executable, __file__, "_memory_child", kind, str(roots[kind]), str(n)],
-                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
-            row = json.loads(out.strip().splitlines()[-1])
-            print(row, flush=True)
-            rows.append(row)
-    for kind in args.kinds:
-        cells = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["n"])
-        first, last = cells[0], cells[-1]
-        per_extra = (last["rss_loaded_mb"] - first["rss_loaded_mb"]) / (last["n"] - first["n"])
-        per_inner = last["trainable_bytes"] / last["n"] / 2**20
-        for r in cells:
-            r["per_extra_adapter_mb"] = per_extra
-            r["trainable_mb_per_adapter"] = per_inner
-            r["ratio_extra_to_trainable"] = per_extra / per_inner
+    if args.root is not None and (args.root / "nora_compact").is_dir():  # reuse the adapters of an earlier run
+        roots = {k: args.root / k for k in ("nora_full", "nora_compact", "peft_lora_r16")}
+    else:
+        roots = _make_many(Path(tempfile.mkdtemp(prefix="nora-mem-")), max(args.counts))
+    from concurrent.futures import ThreadPoolExecutor
+
+    def cell(spec):  # a fresh process per cell; RSS is per process, so cells may run side by side (--jobs)
+        kind, n, trim = spec
+        cmd = [sys.executable, __file__, "_memory_child", kind, str(roots[kind]), str(n), str(int(trim))]
+        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        print(row, flush=True)
+        return row
+
+    specs = [(kind, n, trim) for trim in (False, True) for kind in args.kinds for n in args.counts]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(cell, specs))
+    for trim in (False, True):
+        for kind in args.kinds:
+            cells = sorted((r for r in rows if r["kind"] == kind and r["malloc_trim"] == trim), key=lambda r: r["n"])
+            first, last = cells[0], cells[-1]
+            per_extra = (last["rss_loaded_mb"] - first["rss_loaded_mb"]) / (last["n"] - first["n"])
+            live_extra = (last["live_adapter_bytes"] - first["live_adapter_bytes"]) / (last["n"] - first["n"]) / 2**20
+            per_inner = last["trainable_bytes"] / last["n"] / 2**20
+            for r in cells:
+                r["per_extra_adapter_mb"] = per_extra
+                r["live_per_extra_adapter_mb"] = live_extra
+                r["trainable_mb_per_adapter"] = per_inner
+                r["ratio_extra_to_trainable"] = per_extra / per_inner
+                r["live_ratio_extra_to_trainable"] = live_extra / per_inner
     return result_payload("adapters_memory", rows,
                           note="RSS after loading n adapters (PeftModel.from_pretrained + load_adapter), fresh "
                           "process per cell, torch threads 1; per_extra_adapter_mb = (RSS(n_max) - RSS(1)) / "
-                          "(n_max - 1).")  # fmt: skip
+                          "(n_max - 1). malloc_trim=True: glibc malloc_trim(0) after each load and before reading "
+                          "RSS (returns freed load-time temporaries to the OS; live tensors are unchanged). "
+                          "live_*: unique tensor storages (data_ptr) of every adapter parameter and buffer, "
+                          "outer_storages: distinct nora_B / nora_A storages (shared: one pair per module).")  # fmt: skip
 
 
 # ================================================================================================ report
@@ -402,12 +438,16 @@ def render() -> str:
     path = RESULTS_DIR / "adapters_memory.json"
     if path.exists():
         data = read_json(path)
-        rows = [[r["kind"], r["n"], f"{r['rss_loaded_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['per_extra_adapter_mb']:.2f}", f"{r['trainable_mb_per_adapter']:.2f}",
-                 f"{r['ratio_extra_to_trainable']:.2f}x"] for r in data["rows"]]  # fmt: skip
+        rows = [[r["kind"], r["n"], "yes" if r.get("malloc_trim") else "no", f"{r['rss_loaded_mb']:.0f}",
+                 f"{r['per_extra_adapter_mb']:.2f}", f"{r['ratio_extra_to_trainable']:.2f}x",
+                 f"{r['live_adapter_bytes'] / 2**20:.1f}", r["outer_storages"],
+                 f"{r['live_per_extra_adapter_mb']:.2f}", f"{r['trainable_mb_per_adapter']:.2f}",
+                 f"{r['live_ratio_extra_to_trainable']:.2f}x"] for r in data["rows"]]  # fmt: skip
         parts += ["", "### (c) Memory with many adapters loaded (SmolLM2-135M)", "", f"`{data['command']}`", "",
-                  markdown_table(["adapters", "n", "RSS MB", "peak RSS MB", "MB per extra adapter",
-                                  "trained MB per adapter", "extra / trained"], rows)]  # fmt: skip
+                  markdown_table(["adapters", "n", "malloc_trim", "RSS MB", "RSS MB per extra adapter",
+                                  "RSS extra / trained", "live adapter tensors MB", "outer storages",
+                                  "live MB per extra adapter", "trained MB per adapter", "live extra / trained"],
+                                 rows)]  # fmt: skip
     return "\n".join(parts)
 
 
@@ -420,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         _load_child(argv[1], argv[2], int(argv[3]))
         return 0
     if argv and argv[0] == "_memory_child":
-        _memory_child(argv[1], argv[2], int(argv[3]))
+        _memory_child(argv[1], argv[2], int(argv[3]), bool(int(argv[4])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -432,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("memory")
     p.add_argument("--counts", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--kinds", nargs="+", default=["nora_compact", "nora_full", "peft_lora_r16"])
+    p.add_argument("--root", type=Path, default=None, help="adapter directories written by an earlier run")
+    p.add_argument("--jobs", type=int, default=1, help="cells run side by side (memory only, not timed)")
     sub.add_parser("report")
     args = parser.parse_args(argv)
     if args.cmd != "report":
