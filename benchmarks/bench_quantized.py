@@ -239,13 +239,14 @@ def verdicts(records: list[dict], n_eval: int) -> dict:
 
     out: dict = {}
     nf4, fp32, qlora = cells("nf4", "nora"), cells("fp32", "nora"), cells("nf4", "lora")
-    if nf4 and fp32:
-        a, b = _stats([r["accuracy"] for r in nf4]), _stats([r["accuracy"] for r in fp32])
-        word, diff = compare(a, b, n_eval)
-        out["accuracy_nf4_vs_fp32_nora"] = {
-            "verdict": word, "diff": round(diff, 4), "noise": round(noise_threshold(a, b, n_eval), 4),
-            "seeds": [len(nf4), len(fp32)], "goal_met": word.startswith("within noise") or word == "holds",
-        }  # fmt: skip
+    for key, x, y in (("accuracy_nf4_vs_fp32_nora", nf4, fp32), ("accuracy_nf4_nora_vs_qlora", nf4, qlora)):
+        if x and y:
+            a, b = _stats([r["accuracy"] for r in x]), _stats([r["accuracy"] for r in y])
+            word, diff = compare(a, b, n_eval)
+            out[key] = {
+                "verdict": word, "diff": round(diff, 4), "noise": round(noise_threshold(a, b, n_eval), 4),
+                "seeds": [len(x), len(y)], "goal_met": word.startswith("within noise") or word == "holds",
+            }  # fmt: skip
     if nf4 and qlora:
         rss_nora, rss_qlora = [r["train_peak_rss_mb"] for r in nf4], [r["train_peak_rss_mb"] for r in qlora]
         bytes_nora = sum(nf4[0]["model_bytes"].values()) / 2**20
@@ -263,6 +264,9 @@ def verdict_text(v: dict) -> str:
     lines = []
     if a := v.get("accuracy_nf4_vs_fp32_nora"):
         lines.append(f"NoRA nf4 - NoRA fp32 accuracy = {100 * a['diff']:+.1f} pts, noise threshold "
+                     f"{100 * a['noise']:.1f} pts ({a['seeds'][0]}/{a['seeds'][1]} seeds): {a['verdict']}")  # fmt: skip
+    if a := v.get("accuracy_nf4_nora_vs_qlora"):
+        lines.append(f"NoRA nf4 - QLoRA r=16 accuracy = {100 * a['diff']:+.1f} pts, noise threshold "
                      f"{100 * a['noise']:.1f} pts ({a['seeds'][0]}/{a['seeds'][1]} seeds): {a['verdict']}")  # fmt: skip
     if m := v.get("memory_nf4_nora_vs_qlora"):
         rss = m["peak_rss_mb"]
