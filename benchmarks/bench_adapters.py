@@ -2,10 +2,11 @@
 
     python benchmarks/bench_adapters.py repro     # outer factors rebuilt with 1 vs 2 torch threads: fp32, aligned, fp64
     python benchmarks/bench_adapters.py files     # SmolLM2 r=64/32 full vs compact vs exported LoRA vs PEFT LoRA r=16
-    python benchmarks/bench_adapters.py memory    # RSS with 1, 8, 32 adapters loaded (fresh process per cell)
+    python benchmarks/bench_adapters.py memory    # RSS (with / without malloc_trim) and live tensor storage with 1, 8, 32
+                                                  # adapters loaded (fresh process per cell; --root reuses adapters)
     python benchmarks/bench_adapters.py report    # regenerate the RESULTS.md block from the JSON files
 
-Results: benchmarks/results/adapters_{repro,files,memory}.json; RESULTS.md section "5. bench_adapters".
+Results: benchmarks/results/adapters_{repro,files,memory}.json; RESULTS.md section "Many tiny adapters (issue 21)".
 """
 
 from __future__ import annotations
