@@ -205,32 +205,6 @@ def forward_hooks(tuner: nn.Module, *args: Any, **kwargs: Any) -> Iterator[None]
             handle.remove()
 
 
-_FILTERED = "_nora_names_filter"
-
-
-def keep_names_while_disabled(tuner: nn.Module, caller) -> None:
-    """Inside `with model.disable_adapter():` PeftModel.forward / generate skip the tuner's forward hooks and drop
-    `adapter_names` from the call (its `special_peft_forward_args`), so rows meant for adapters would silently get the
-    base. While disabled, let the argument through to the base model: its guard (below) sees it and every NoRA layer
-    refuses it with one clear error. `caller` is the frame of PeftModel.disable_adapter (which disabled the layers)."""
-    from peft import PeftModel
-
-    peft_model = caller.f_locals.get("self")
-    if not isinstance(peft_model, PeftModel) or peft_model.base_model is not tuner:
-        return
-    special = getattr(peft_model, "special_peft_forward_args", None)
-    if isinstance(special, set) and "adapter_names" in special:
-        peft_model.special_peft_forward_args = special - {"adapter_names"}
-        tuner.__dict__[_FILTERED] = (peft_model, special)
-
-
-def restore_names_filter(tuner: nn.Module) -> None:
-    """Undo `keep_names_while_disabled` when the adapters are enabled again."""
-    peft_model, special = tuner.__dict__.pop(_FILTERED, (None, None))
-    if peft_model is not None:
-        peft_model.special_peft_forward_args = special
-
-
 _CONTEXTS = "_nora_mixed_batch_contexts"
 
 

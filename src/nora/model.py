@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
 from peft.utils.integrations import gather_params_ctx
@@ -119,14 +117,6 @@ class NoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def disable_adapter_layers(self) -> None:
-        super().disable_adapter_layers()
-        mixed_batch.keep_names_while_disabled(self, sys._getframe(1))  # PeftModel.disable_adapter() is the caller
-
-    def enable_adapter_layers(self) -> None:
-        super().enable_adapter_layers()
-        mixed_batch.restore_names_filter(self)
 
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """PeftModel.forward/generate enter this with the call's kwargs: `adapter_names=[...]` (one per row)."""
