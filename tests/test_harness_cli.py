@@ -218,6 +218,12 @@ def test_gradient_informed_inits_run_before_training(extra, tiny_llama_dir, tiny
         assert metrics["calibration"]["grad_init_samples"] == 4 and cfg["inner_init"] == "grad"
 
 
+def test_grad_init_samples_without_a_gradient_init_is_refused(tiny_llama_dir, tiny_task_dir, tmp_path):
+    argv = _train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, "--max-steps", "1", "--grad-init-samples", "4")
+    with pytest.raises(HarnessError, match=r"--grad-init-samples 4 is only used by a gradient-informed init"):
+        run_train(parse_args(argv))
+
+
 def test_lorasb_refuses_a_conflicting_nora_flag(tiny_llama_dir, tiny_task_dir, tmp_path):
     argv = _train_argv(tiny_llama_dir, tiny_task_dir, tmp_path, "--method", "lorasb", "--outer-init", "awsvd")
     with pytest.raises(HarnessError, match=r"--method lorasb sets --outer-init grad; drop --outer-init awsvd"):

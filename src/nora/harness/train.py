@@ -337,7 +337,11 @@ def run_train(args: argparse.Namespace, callbacks: list[TrainerCallback] | None 
         set_seed(args.seed)
         with torch_threads(args.init_threads):  # the (Aw)SVD initialisation runs here
             model = get_peft_model(model, peft_config)
-    if isinstance(peft_config, NoraConfig) and peft_config.needs_gradient_init:
+    needs_grad = isinstance(peft_config, NoraConfig) and peft_config.needs_gradient_init
+    if args.grad_init_samples is not None and not needs_grad:
+        raise HarnessError(f"--grad-init-samples {args.grad_init_samples} is only used by a gradient-informed init; "
+                           "add --inner-init grad|grad_step or --outer-init grad (or --method lorasb), or drop it.")  # fmt: skip
+    if needs_grad:
         start = time.perf_counter()
         samples = grad_init_samples(args, len(features), world)
         batches = calibration_batches(features, args, rank, world, tokenizer.pad_token_id, samples, labels=True)
