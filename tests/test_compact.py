@@ -361,3 +361,74 @@ def test_loaded_adapters_share_and_skip_the_rebuild(tmp_path, monkeypatch, save_
         assert layer.nora_B["default"].data_ptr() == layer.nora_B["second"].data_ptr()
     loaded.set_adapter("second")
     torch.testing.assert_close(run(loaded, "llama"), expected, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ per-adapter overhead
+def test_dropout_free_adapters_of_a_layer_share_one_identity():
+    model = _two_adapters()
+    model.add_adapter("dropped", _cfg(nora_dropout=0.1))
+    layers = [layer for _, layer in nora_layers(model)]
+    for layer in layers:
+        assert type(layer.nora_dropout["default"]) is torch.nn.Identity
+        assert layer.nora_dropout["b"] is layer.nora_dropout["default"]
+        assert isinstance(layer.nora_dropout["dropped"], torch.nn.Dropout)
+        assert layer.nora_dropout["dropped"].p == 0.1
+    assert len({id(layer.nora_dropout["b"]) for layer in layers}) == len(layers)  # one per layer, not global
+
+
+def test_shared_identity_survives_delete_deepcopy_and_to():
+    import copy
+
+    model = _two_adapters()
+    x = base_inputs("llama")
+    model.set_adapter("b")
+    with torch.no_grad():
+        expected_b = model(**x).logits
+    clone = copy.deepcopy(model)
+    for (_, mine), (_, theirs) in zip(nora_layers(model), nora_layers(clone)):
+        assert theirs.nora_dropout["b"] is theirs.nora_dropout["default"]
+        assert theirs.nora_dropout["b"] is not mine.nora_dropout["b"]
+    model.delete_adapter("default")
+    model = model.to(torch.float64).to(torch.float32)
+    for _, layer in nora_layers(model):
+        assert list(layer.nora_dropout) == ["b"] and type(layer.nora_dropout["b"]) is torch.nn.Identity
+    model.add_adapter("c", _cfg())  # a new dropout-free adapter reuses the survivor's Identity
+    for _, layer in nora_layers(model):
+        assert layer.nora_dropout["c"] is layer.nora_dropout["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, expected_b, atol=0, rtol=0)
+        clone.set_adapter("b")
+        torch.testing.assert_close(clone(**x).logits, expected_b, atol=0, rtol=0)
+
+
+def test_equal_base_fingerprints_are_held_once(tmp_path):
+    adapter, _, _ = _saved(tmp_path)
+    loaded = PeftModel.from_pretrained(build_base("llama"), adapter)
+    loaded.load_adapter(adapter, adapter_name="second")
+    loaded.add_adapter("fresh", _cfg())
+    first = loaded.peft_config["default"].base_fingerprint
+    assert len(first) == len(list(nora_layers(loaded)))
+    assert loaded.peft_config["second"].base_fingerprint is first
+    assert loaded.peft_config["fresh"].base_fingerprint is first
+    loaded.save_pretrained(tmp_path / "resaved", selected_adapters=["second"])
+    saved = json.loads((tmp_path / "resaved" / "second" / "adapter_config.json").read_text())
+    assert saved["base_fingerprint"] == json.loads((adapter / "adapter_config.json").read_text())["base_fingerprint"]
+
+
+def test_other_fingerprint_is_not_shared(tmp_path):
+    model = _two_adapters()
+    model.add_adapter("some", _cfg(target_modules=["q_proj"]))
+    assert model.peft_config["b"].base_fingerprint is model.peft_config["default"].base_fingerprint
+    assert model.peft_config["some"].base_fingerprint is not model.peft_config["default"].base_fingerprint
+    assert set(model.peft_config["some"].base_fingerprint) < set(model.peft_config["default"].base_fingerprint)
+
+
+def test_second_adapter_is_still_checked_against_the_base(tmp_path):
+    """A shared fingerprint dict does not skip the check: the base changed after the first load, so the second
+    compact adapter (same recorded fingerprint) is refused on the now different base."""
+    adapter, _, _ = _saved(tmp_path)
+    loaded = PeftModel.from_pretrained(build_base("llama"), adapter)
+    with torch.no_grad():
+        loaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2.0)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        loaded.load_adapter(adapter, adapter_name="second")

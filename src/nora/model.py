@@ -81,9 +81,10 @@ class NoraModel(BaseTuner):
         from . import compact
 
         compact.remember_model(model, adapter_name, self.peft_config[adapter_name])
-        if getattr(self.peft_config[adapter_name], "_from_checkpoint", False):
-            from . import sharing
+        from . import sharing
 
+        sharing.share_records(self.peft_config, adapter_name)  # N adapters on one base: one fingerprint dict
+        if getattr(self.peft_config[adapter_name], "_from_checkpoint", False):
             sharing.light_placeholders(model, adapter_name)  # no full-size zeros while N adapters are loaded
         mixed_batch.guard_base_model(model)  # `adapter_names=` on the bare base model (transformers' load_adapter)
 

@@ -78,6 +78,20 @@ def share_model(model, adapter: str, configs: dict) -> int:
     )
 
 
+def share_records(configs: dict, adapter: str) -> bool:
+    """Hold an equal `base_fingerprint` once: point `adapter`'s config at another adapter's equal dict (a
+    fingerprint is ~38 KB of Python objects per adapter on SmolLM2; N adapters on one base record the same one).
+    Nothing mutates a fingerprint in place (a new entry builds a new dict). Returns whether it now shares one."""
+    fingerprint = getattr(configs.get(adapter), "base_fingerprint", None)
+    if not fingerprint:
+        return False
+    for name, other in configs.items():
+        theirs = getattr(other, "base_fingerprint", None)
+        if name != adapter and theirs is not None and (theirs is fingerprint or theirs == fingerprint):
+            configs[adapter].base_fingerprint = theirs
+            return True
+    return False
+
 
 def light_placeholders(model, adapter: str) -> None:
     """Replace the zero placeholders of a checkpoint adapter's B, A (about to be loaded) by zero-stride views, so
