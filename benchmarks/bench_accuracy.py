@@ -577,11 +577,23 @@ def train_argv(unit: Unit, budget, out: Path, threads: int | None) -> list[str]:
         "--limit", str(budget.train_examples), "--max-steps", str(budget.steps), "--batch-size", str(budget.batch_size),
         "--max-length", str(budget.max_length), "--lr", f"{unit.lr:g}", "--warmup-steps", str(budget.warmup_steps),
         "--seed", str(unit.seed), "--save-steps", str(budget.steps + 1), "--save-total-limit", "1",
-        "--out", str(out), "--no-progress", *decoder_variants()[unit.variant],
+        "--out", str(out), "--no-progress", *_decoder_flags(unit.variant),
     ]  # fmt: skip
     if getattr(budget, "response_format", "output") != "output":
         argv += ["--response-format", budget.response_format]
+    if "grad_step" in argv and unit.variant not in LORASB_VARIANTS:  # as on the encoder: eta_1 = lr / warmup steps
+        argv += ["--grad-first-step-lr", f"{unit.lr / max(budget.warmup_steps, 1):g}"]
     return [*argv, "--threads", str(threads)] if threads else argv
+
+
+def _decoder_flags(variant: str) -> list[str]:
+    """`nora train` flags of a variant; the LoRA-SB variants run the CLI's `--method lorasb` (eta_1 = lr / warmup
+    steps, the first update estimated on ~0.1 % of the training set in train mode, as the encoder runs do)."""
+    flags = decoder_variants()[variant]
+    if variant not in LORASB_VARIANTS:
+        return flags
+    rank = flags[flags.index("--nora-r") : flags.index("--nora-r") + 2] if "--nora-r" in flags else []
+    return ["--method", "lorasb", *rank]
 
 
 def run_decoder(unit: Unit, threads: int | None = None, budget=None) -> dict[str, Any]:

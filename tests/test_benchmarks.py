@@ -288,3 +288,24 @@ def test_svd_plot_only_without_results_names_the_fix(bench_svd, tmp_path, monkey
     with pytest.raises(SystemExit, match=re.escape("run `python benchmarks/bench_svd.py --part time` first")):
         bench_svd.main(["--plot-only"])
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_every_decoder_variant_builds_its_config(bench_accuracy, tmp_path):
+    """Each decoder variant's `nora train` argv resolves and builds its PEFT config (the LoRA-SB variants once
+    failed here: --method loraxs with --inner-init grad_step and no first-step lr)."""
+    from nora.cli import parse_args
+    from nora.harness.train import build_peft_config, resolve_args
+
+    B = bench_accuracy
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"model_type": "llama"})()
+    for variant in B.decoder_variants():
+        unit = B.Unit("decoder", "commonsense", variant, 1e-3, 0)
+        args = resolve_args(parse_args(B.train_argv(unit, B.DECODER_BUDGET, tmp_path / variant, 1)))
+        config = build_peft_config(args, model)
+        if "grad_step" in B.decoder_variants()[variant]:
+            assert config.grad_first_step_lr == pytest.approx(1e-3 / B.DECODER_BUDGET.warmup_steps)
+        if variant in B.LORASB_VARIANTS:
+            assert args.method == "lorasb" and config.structure == "adapter" and config.inner_init == "grad_step"
+            assert config.grad_first_step_lr == pytest.approx(1e-3 / B.DECODER_BUDGET.warmup_steps)
+    assert B._decoder_flags("lorasb-r60")[-2:] == ["--nora-r", "60"]
