@@ -432,3 +432,30 @@ def test_second_adapter_is_still_checked_against_the_base(tmp_path):
         loaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2.0)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
         loaded.load_adapter(adapter, adapter_name="second")
+
+
+def test_loading_a_checkpoint_does_not_scan_the_base_weights(tmp_path, monkeypatch):
+    """No SVD runs for a checkpoint adapter, so no NaN scan either (a weight-sized temporary per module per load:
+    ~600 MB per SmolLM2 adapter that glibc kept as fragmentation); a fresh adapter is still scanned."""
+    adapter, expected, _ = _saved(tmp_path)
+    loaded = PeftModel.from_pretrained(build_base("llama"), adapter).eval()
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(tuple(t.shape)) or real(t))
+    loaded.load_adapter(adapter, adapter_name="second")
+    assert calls == []
+    loaded.add_adapter("fresh", _cfg())
+    assert len(calls) == len(list(nora_layers(loaded)))
+    loaded.set_adapter("second")
+    torch.testing.assert_close(run(loaded, "llama"), expected, atol=ATOL, rtol=0)
+
+
+def test_compact_rebuild_on_a_non_finite_base_is_refused(tmp_path):
+    adapter, _, _ = _saved(tmp_path)
+    base = build_base("llama")
+    with torch.no_grad():
+        base.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    cfg = nora.NoraConfig.from_pretrained(adapter)
+    cfg.check_base_fingerprint = False
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: the base weight contains NaN or inf"):
+        PeftModel.from_pretrained(base, adapter, config=cfg)

@@ -27,7 +27,7 @@ import functools
 import torch
 
 from .config import NoraConfig
-from .init import init_outer
+from .init import check_weight, init_outer
 
 SKETCH_COLS = 4  # k: columns of each sketch; clusters of up to 2k equal singular values can be aligned
 SKETCH_SEED = 0x4E6F5241  # "NoRA"
@@ -170,11 +170,13 @@ def rebuild_outer(layer, config: NoraConfig, module_name: str, scale: torch.Tens
     """B, A, sigma (float64) exactly as update_layer builds them for a compact config."""
     from .layer import _stable_hash
 
+    weight = layer._base_weight_mn()
+    check_weight(weight, config.r, name=module_name)  # NaN / inf in the base: one clear error, not a bad rebuild
     kwargs = {}
     if hasattr(config, "outer_scaling"):
         kwargs["outer_scaling"] = config.outer_scaling
     return init_outer(
-        layer._base_weight_mn(),
+        weight,
         config.r,
         config.outer_init,
         scale=scale,

@@ -25,8 +25,9 @@ class OuterFactors(NamedTuple):
     sigma: torch.Tensor  # (r,) singular values of W (or W S for awsvd)
 
 
-def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
-    """Raise a clear error for a weight NoRA cannot factorise."""
+def check_weight(weight: torch.Tensor, r: int, name: str = "weight", finite: bool = True) -> None:
+    """Raise a clear error for a weight NoRA cannot factorise. `finite=False` skips the NaN / inf scan (a full pass
+    with weight-sized temporaries): for adapters whose factors come from a checkpoint, where no SVD runs."""
     if not weight.is_floating_point():
         raise TypeError(
             f"{name}: NoRA needs a floating-point base weight, got dtype {weight.dtype} in a plain tensor, which no "
@@ -42,7 +43,7 @@ def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
             f"{name}: outer rank r={r} exceeds min(out, in)=min({m}, {n})={min(m, n)}; choose r <= {min(m, n)} or "
             "exclude this module (exclude_modules=[...])."
         )
-    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+    if finite and weight.device.type != "meta" and not torch.isfinite(weight).all():
         raise ValueError(f"{name}: the base weight contains NaN or inf; NoRA cannot factorise a non-finite weight.")
 
 

@@ -114,7 +114,9 @@ class NoraLayer(BaseTunerLayer):
         **kwargs: Any,
     ) -> None:
         weight = self._base_weight_mn()
-        check_weight(weight, config.r, name=module_name or "base layer")
+        from_checkpoint = getattr(config, "_from_checkpoint", False)
+        # a checkpoint's factors are loaded, not computed: no NaN scan here (a compact file's rebuild scans)
+        check_weight(weight, config.r, name=module_name or "base layer", finite=not from_checkpoint)
         m, n, r = self.out_features, self.in_features, config.r
         self.r[adapter_name] = r
         self.r_inner[adapter_name] = r if config.structure == "adapter" else config.r_inner
@@ -123,7 +125,6 @@ class NoraLayer(BaseTunerLayer):
         self.activation_memory[adapter_name] = getattr(config, "activation_memory", "auto")
         self.nora_dropout[adapter_name] = self._dropout_module(config.nora_dropout)
 
-        from_checkpoint = getattr(config, "_from_checkpoint", False)
         on_meta = weight.device.type == "meta"
         skip_init = on_meta or from_checkpoint or config.outer_init == "grad"  # grad: nora.gradient_init fills it
         self._outer_pending.pop(adapter_name, None)
