@@ -142,7 +142,9 @@ def test_align_undoes_rotations_within_repeated_singular_values():
     Q = torch.eye(8, dtype=torch.float64)
     for block in ([0, 1, 2], [3, 4], [6, 7]):  # another LAPACK / thread count may return any basis of each block
         idx = torch.tensor(block)
-        Q[idx[:, None], idx] = torch.linalg.qr(torch.randn(len(block), len(block), generator=gen, dtype=torch.float64)).Q
+        Q[idx[:, None], idx] = torch.linalg.qr(
+            torch.randn(len(block), len(block), generator=gen, dtype=torch.float64)
+        ).Q
     Q[5, 5] = -1.0  # a sign flip of a simple singular value
     B_rot, A_rot = B @ Q.T, Q @ A
     assert torch.allclose(B_rot @ A_rot, B @ A, atol=1e-12)  # same product, different basis
@@ -195,7 +197,9 @@ def test_perturbed_base_is_refused(tmp_path):
     with torch.no_grad():  # 1e-3 relative: passes the cheap fingerprint (rtol 1e-2), changes the SVD factors
         w = base.model.layers[1].mlp.down_proj.weight
         w.add_(1e-3 * w.abs().mean() * torch.randn_like(w))
-    with pytest.raises(CompactAdapterError, match=r"module 'model\.layers\.1\.mlp\.down_proj'.*save_outer_factors=True"):
+    with pytest.raises(
+        CompactAdapterError, match=r"module 'model\.layers\.1\.mlp\.down_proj'.*save_outer_factors=True"
+    ):
         PeftModel.from_pretrained(base, adapter)
 
 
@@ -253,8 +257,9 @@ def test_awsvd_compact_file_without_scales_is_refused(tmp_path):
 
 def test_compact_with_gradient_outer_init_is_refused():
     with pytest.raises(ValueError, match="outer_init='grad' factors come from the task's gradient"):
-        nora.NoraConfig(save_outer_factors=False, outer_init="grad", grad_estimator="sign",
-                         outer_scaling="orthonormal")
+        nora.NoraConfig(
+            save_outer_factors=False, outer_init="grad", grad_estimator="sign", outer_scaling="orthonormal"
+        )
 
 
 def test_saving_a_float32_adapter_compact_is_refused(tmp_path):
@@ -459,3 +464,41 @@ def test_compact_rebuild_on_a_non_finite_base_is_refused(tmp_path):
     cfg.check_base_fingerprint = False
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: the base weight contains NaN or inf"):
         PeftModel.from_pretrained(base, adapter, config=cfg)
+
+
+@pytest.mark.parametrize("save_outer_factors", [True, False])
+def test_further_loads_reuse_the_cached_sketches(tmp_path, monkeypatch, save_outer_factors):
+    """Loading onto a shared twin does not copy the tensor onto itself (which bumped its version counter and threw
+    away the cached float64 sketches: two outer-factor-sized float64 copies per module per load)."""
+    adapter, expected, model = _saved(tmp_path)
+    if save_outer_factors:
+        model.peft_config["default"].save_outer_factors = True
+        model.save_pretrained(tmp_path / "full")
+        adapter = tmp_path / "full"
+    loaded = PeftModel.from_pretrained(build_base("llama"), adapter).eval()
+    loaded.load_adapter(adapter, adapter_name="second")
+    versions = [
+        (layer.nora_B["default"]._version, layer.nora_A["default"]._version) for _, layer in nora_layers(loaded)
+    ]
+    calls = []
+    real = compact.sketches
+    monkeypatch.setattr(compact, "sketches", lambda *a: calls.append(1) or real(*a))
+    result = loaded.load_adapter(adapter, adapter_name="third")
+    assert calls == []
+    assert not [k for k in result.missing_keys if "nora_" in k]
+    assert [
+        (layer.nora_B["third"]._version, layer.nora_A["third"]._version) for _, layer in nora_layers(loaded)
+    ] == versions
+    for _, layer in nora_layers(loaded):
+        assert sharing.shares_outer(layer, "default", "third")
+    loaded.set_adapter("third")
+    torch.testing.assert_close(run(loaded, "llama"), expected, atol=ATOL, rtol=0)
+
+
+def test_a_loaded_outer_factor_that_differs_is_still_copied():
+    """OuterFactors skips only a self-copy: a state dict with other values for B is loaded as usual."""
+    model = _two_adapters()
+    layer = next(layer for _, layer in nora_layers(model))
+    new_B = torch.randn_like(layer.nora_B["b"])
+    layer.nora_B.load_state_dict({"b": new_B, "default": layer.nora_B["default"]}, strict=True)
+    torch.testing.assert_close(layer.nora_B["b"], new_B, atol=0, rtol=0)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -26,6 +25,7 @@ from .config import NoraConfig
 from .init import activation_scale, check_weight, init_inner, init_outer
 from .mixed_batch import mixed_forward
 from .quantized import read_weight_mn, resolve_backend, warn_requantize
+from .sharing import OuterFactors
 
 
 def inner_shapes(structure: str, m: int, r: int, r_inner: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
@@ -78,8 +78,8 @@ class NoraLayer(BaseTunerLayer):
         self.nora_dropout = nn.ModuleDict({})
         self.nora_inner_B = nn.ParameterDict({})
         self.nora_inner_A = nn.ParameterDict({})
-        self.nora_B = BufferDict({}, persistent=True)
-        self.nora_A = BufferDict({}, persistent=True)
+        self.nora_B = OuterFactors({}, persistent=True)  # a BufferDict (nora.sharing: no self-copy on load)
+        self.nora_A = OuterFactors({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())

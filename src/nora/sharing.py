@@ -12,6 +12,7 @@ point to the same storage. Nothing writes into an outer factor in place except `
 from __future__ import annotations
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 
 #: config fields that determine the outer factors (besides the base weight and, for awsvd, the channel scales)
 OUTER_FIELDS = (
@@ -26,6 +27,22 @@ OUTER_FIELDS = (
     "init_seed",
     "save_outer_factors",
 )
+
+
+class OuterFactors(BufferDict):
+    """The BufferDict of a layer's frozen outer factors (`nora_B`, `nora_A`). A state-dict entry that *is* the held
+    tensor (`adopt_loaded` puts the shared tensor there) is not copied onto itself: such a self-copy changes nothing
+    but bumps the tensor's version counter, which would invalidate the cached verification sketches of every adapter
+    sharing it (`compact.layer_sketches`) and make each further compact load redo them in float64."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        same = [prefix + k for k, t in self._buffers.items() if t is not None and state_dict.get(prefix + k) is t]
+        held = {k: state_dict.pop(k) for k in same}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        finally:
+            state_dict.update(held)
+        missing_keys[:] = [k for k in missing_keys if k not in held]
 
 
 def outer_settings(config) -> tuple:
