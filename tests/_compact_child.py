@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _models  # noqa: E402  (sets torch threads to 1; THREADS below overrides it)
+import _models
 
 MLP_DIM = 384
 

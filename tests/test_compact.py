@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _compact_child import base_inputs, build_base, run
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nora
+from _compact_child import base_inputs, build_base, run
 from nora import compact, sharing
 from nora.compact import CompactAdapterError
 from nora.config import FORMAT_VERSION, STRUCTURES
@@ -79,7 +79,7 @@ def test_reload_in_fresh_process_equals_saved_logits(tmp_path):
 
 def test_reload_with_1_and_2_threads(tmp_path):
     """A flat-spectrum 384 x 384 MLP (where a float32 SVD rotates with the thread count): both reloads match."""
-    adapter, expected, model = _saved(tmp_path, "mlp")
+    adapter, expected, _model = _saved(tmp_path, "mlp")
     base_out = run(build_base("mlp"), "mlp")
     assert (expected - base_out).abs().max() > 1e-2  # the adapter moves the output well above the tolerance
     one = _fresh_process("mlp", adapter, 1, tmp_path)

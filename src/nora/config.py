@@ -10,7 +10,6 @@ from typing import Literal
 from peft.config import PeftConfig
 
 
-
 class NoraPeftType(str):
     """NoRA's peft_type: the string "NORA" that also reads like a member of PEFT's `PeftType` enum.
 
