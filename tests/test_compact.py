@@ -381,6 +381,21 @@ def test_dropout_free_adapters_of_a_layer_share_one_identity():
     assert len({id(layer.nora_dropout["b"]) for layer in layers}) == len(layers)  # one per layer, not global
 
 
+def test_unscaled_compact_states_are_held_once():
+    """Without AwSVD scales every layer's compact bookkeeping of every adapter is one shared immutable state (not a
+    dict per layer and adapter); it survives deepcopy, and a float32 adapter's state says so."""
+    import copy
+
+    model = _two_adapters()
+    model.add_adapter("f32", _cfg(save_outer_factors=True))
+    for _, layer in nora_layers(copy.deepcopy(model)):
+        assert compact._state(layer, "default") == (None, True)
+    states = [(compact._state(layer, "default"), compact._state(layer, "b")) for _, layer in nora_layers(model)]
+    assert all(a is b is states[0][0] for a, b in states)
+    assert states[0][0].scale is None and states[0][0].float64
+    assert all(not compact._state(layer, "f32").float64 for _, layer in nora_layers(model))
+
+
 def test_shared_identity_survives_delete_deepcopy_and_to():
     import copy
 

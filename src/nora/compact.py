@@ -23,6 +23,7 @@ SVD in float64 from the start (`save_outer_factors=False` in the config passed t
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,19 @@ SKETCH_SEED = 0x4E6F5241  # "NoRA"
 CLUSTER_RTOL = 1e-6  # singular values closer than this (relative to sigma_1) may rotate into each other
 VERIFY_RTOL = 1e-5  # float32 rounding of the factors moves a sketch row by ~1e-7 relative
 RECORD_KEYS = ("nora_sketch_A", "nora_sketch_B", "nora_scale")
-_STATE_ATTR = "_nora_compact"  # per-layer {adapter: {"scale": tensor | None, "float64": bool}}
+_STATE_ATTR = "_nora_compact"  # per-layer {adapter: _State}
+
+
+class _State(NamedTuple):
+    """What a compact save needs of one adapter on one layer: its AwSVD channel scales and whether the outer SVD
+    ran in float64 (the exactly reproducible rebuild)."""
+
+    scale: torch.Tensor | None
+    float64: bool
+
+
+# the states without AwSVD scales, held once (not one object per layer and adapter: many adapters stay small)
+_UNSCALED = {f64: _State(None, f64) for f64 in (False, True)}
 
 
 class CompactAdapterError(ValueError):
@@ -49,8 +62,12 @@ def remember(layer, adapter: str, config: NoraConfig, act_mean_abs: torch.Tensor
     scale = None
     if config.outer_init == "awsvd" and act_mean_abs is not None:
         scale = activation_scale(act_mean_abs, config.awsvd_alpha, config.awsvd_eps).detach().cpu()
+    _set_state(layer, adapter, scale, float64=not config.save_outer_factors)
+
+
+def _set_state(layer, adapter: str, scale: torch.Tensor | None, float64: bool) -> None:
     state = layer.__dict__.setdefault(_STATE_ATTR, {})
-    state[adapter] = {"scale": scale, "float64": not config.save_outer_factors}
+    state[adapter] = _UNSCALED[float64] if scale is None else _State(scale, float64)
 
 
 def remember_model(model, adapter: str, config: NoraConfig) -> None:
@@ -62,8 +79,8 @@ def remember_model(model, adapter: str, config: NoraConfig) -> None:
             remember(layer, adapter, config, getattr(layer.get_base_layer(), CALIBRATION_ATTR, None))
 
 
-def _state(layer, adapter: str) -> dict:
-    return layer.__dict__.get(_STATE_ATTR, {}).get(adapter, {"scale": None, "float64": False})
+def _state(layer, adapter: str) -> _State:
+    return layer.__dict__.get(_STATE_ATTR, {}).get(adapter, _UNSCALED[False])
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,7 +136,7 @@ def sketch_residual(B, A, record_A: torch.Tensor, record_B: torch.Tensor, got=No
 def compact_records(layer, adapter: str, module_name: str) -> dict[str, torch.Tensor]:
     """The verification record (and AwSVD scales) of one module, float32, keyed by RECORD_KEYS."""
     state = _state(layer, adapter)
-    if not state["float64"]:
+    if not state.float64:
         raise ValueError(
             f"NoRA: cannot save adapter {adapter!r} as a compact file (save_outer_factors=False): module "
             f"{module_name!r} got its outer factors from a float32 SVD, which a rebuild on load cannot reproduce. "
@@ -128,8 +145,8 @@ def compact_records(layer, adapter: str, module_name: str) -> dict[str, torch.Te
         )
     sketch_A, sketch_B = sketches(layer.nora_B[adapter], layer.nora_A[adapter])
     out = {"nora_sketch_A": sketch_A.float().contiguous(), "nora_sketch_B": sketch_B.float().contiguous()}
-    if state["scale"] is not None:
-        out["nora_scale"] = state["scale"].float().contiguous()
+    if state.scale is not None:
+        out["nora_scale"] = state.scale.float().contiguous()
     return out
 
 
@@ -258,8 +275,7 @@ def restore_outer(model, config: NoraConfig, adapter: str, state_dict: dict) -> 
         else:
             B, A = _restore_module(layer, config, module, scale, record_A, record_B)
         out[f"{name}.nora_B.{adapter}"], out[f"{name}.nora_A.{adapter}"] = B, A
-        state = layer.__dict__.setdefault(_STATE_ATTR, {})
-        state[adapter] = {"scale": None if scale is None else scale.detach().float().cpu(), "float64": True}
+        _set_state(layer, adapter, None if scale is None else scale.detach().float().cpu(), float64=True)
     return out
 
 
@@ -272,11 +288,11 @@ def _verified_twin(layer, adapter, config, configs: dict, scale, record_A, recor
         if other == adapter or other in pending or other not in configs:
             continue
         state = _state(layer, other)
-        if not state["float64"] or outer_settings(configs[other]) != outer_settings(config):
+        if not state.float64 or outer_settings(configs[other]) != outer_settings(config):
             continue
-        if (scale is None) != (state["scale"] is None):
+        if (scale is None) != (state.scale is None):
             continue
-        if scale is not None and not torch.equal(scale.detach().float().cpu(), state["scale"]):
+        if scale is not None and not torch.equal(scale.detach().float().cpu(), state.scale):
             continue
         B, A = layer.nora_B[other], layer.nora_A[other]
         got = layer_sketches(layer, B, A)
