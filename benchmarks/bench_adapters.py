@@ -138,7 +138,7 @@ def run_repro(args) -> dict:
         model = get_peft_model(_smollm2(), cfg).eval()
         table = {}
         for name in f1:
-            B32a, A32a, B64a, A64a, s64a = f1[name]
+            B32a, A32a, B64a, A64a, _ = f1[name]
             B32b, A32b, B64b, A64b, s64b = f2[name]
             rec32 = compact.sketches(B32a, A32a)
             rec64 = compact.sketches(B64a.float(), A64a.float())
@@ -160,7 +160,8 @@ def run_repro(args) -> dict:
         logits = {w: _logits(model, table, w, tokens) for w in table[next(iter(table))]}
         delta = (logits["fp32_t1"] - base_logits).norm()
 
-        def cmp(a: str, b: str, method: str, residual_key: str | None) -> dict:
+        def cmp(a: str, b: str, method: str, residual_key: str | None, logits=logits, delta=delta, res=res,
+                std=std) -> dict:
             diff = logits[a] - logits[b]
             return {
                 "inner_std": std,
@@ -370,6 +371,29 @@ def _make_many(tmp: Path, counts: int) -> dict[str, Path]:
     return roots
 
 
+def memory_slopes(cells: list[dict]) -> dict:
+    """MB per extra adapter from one kind's cells (one per count n): end to end, from the second count on (the
+    first compact load's one-time rebuild garbage sits in RSS(n_min) when glibc keeps it), and the least-squares
+    slope over all counts (the steadiest: glibc's retained free memory moves single cells by several MB)."""
+    cells = sorted(cells, key=lambda r: r["n"])
+    ns = [r["n"] for r in cells]
+    if len(set(ns)) < 2:
+        raise ValueError(f"memory slopes need at least two adapter counts, got {ns}: pass --counts 1 8 32")
+    rss = [r["rss_loaded_mb"] for r in cells]
+    live = [r["live_adapter_bytes"] / 2**20 for r in cells]
+    mean_n, mean_rss = sum(ns) / len(ns), sum(rss) / len(rss)
+    fit = sum((n - mean_n) * (y - mean_rss) for n, y in zip(ns, rss)) / sum((n - mean_n) ** 2 for n in ns)
+    trained = cells[-1]["trainable_bytes"] / ns[-1] / 2**20
+    out = {"kind": cells[0]["kind"], "malloc_trim": cells[0]["malloc_trim"], "counts": ns,
+           "trained_mb_per_adapter": trained,
+           "rss_end_to_end_mb": (rss[-1] - rss[0]) / (ns[-1] - ns[0]),
+           "rss_from_second_mb": (rss[-1] - rss[1]) / (ns[-1] - ns[1]) if len(ns) > 2 else None,
+           "rss_least_squares_mb": fit, "live_mb": (live[-1] - live[0]) / (ns[-1] - ns[0])}  # fmt: skip
+    for key in ("rss_end_to_end_mb", "rss_from_second_mb", "rss_least_squares_mb", "live_mb"):
+        out[key.replace("_mb", "_ratio")] = None if out[key] is None else out[key] / trained
+    return out
+
+
 def run_memory(args) -> dict:
     if args.root is not None and (args.root / "nora_compact").is_dir():  # reuse the adapters of an earlier run
         roots = {k: args.root / k for k in ("nora_full", "nora_compact", "peft_lora_r16")}
@@ -387,29 +411,13 @@ def run_memory(args) -> dict:
     specs = [(kind, n, trim) for trim in (False, True) for kind in args.kinds for n in args.counts]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(cell, specs))
-    for trim in (False, True):
-        for kind in args.kinds:
-            cells = sorted((r for r in rows if r["kind"] == kind and r["malloc_trim"] == trim), key=lambda r: r["n"])
-            first, second, last = cells[0], cells[min(1, len(cells) - 1)], cells[-1]
-            per_extra = (last["rss_loaded_mb"] - first["rss_loaded_mb"]) / (last["n"] - first["n"])
-            # from the second count on: the first compact load's one-time float64 rebuild garbage (kept by glibc
-            # without malloc_trim) sits in RSS(1), so the 1 -> n_max slope understates the untrimmed per-adapter cost
-            tail = (last["rss_loaded_mb"] - second["rss_loaded_mb"]) / max(last["n"] - second["n"], 1)
-            live_extra = (last["live_adapter_bytes"] - first["live_adapter_bytes"]) / (last["n"] - first["n"]) / 2**20
-            per_inner = last["trainable_bytes"] / last["n"] / 2**20
-            for r in cells:
-                r["per_extra_adapter_mb"] = per_extra
-                r["per_extra_tail_mb"], r["tail_from_n"] = tail, second["n"]
-                r["ratio_tail_to_trainable"] = tail / per_inner
-                r["live_per_extra_adapter_mb"] = live_extra
-                r["trainable_mb_per_adapter"] = per_inner
-                r["ratio_extra_to_trainable"] = per_extra / per_inner
-                r["live_ratio_extra_to_trainable"] = live_extra / per_inner
-    return result_payload("adapters_memory", rows,
+    slopes = [memory_slopes([r for r in rows if r["kind"] == kind and r["malloc_trim"] == trim])
+              for trim in (False, True) for kind in args.kinds]  # fmt: skip
+    return result_payload("adapters_memory", rows, slopes=slopes,
                           note="RSS after loading n adapters (PeftModel.from_pretrained + load_adapter), fresh "
-                          "process per cell, torch threads 1; per_extra_adapter_mb = (RSS(n_max) - RSS(1)) / "
-                          "(n_max - 1); per_extra_tail_mb the same from the second count (tail_from_n) on, "
-                          "without the first load's one-time rebuild garbage. malloc_trim=True: glibc malloc_trim(0) after each load and before reading "
+                          "process per cell, torch threads 1. slopes: MB per extra adapter, (RSS(n_max) - RSS(n_min)) "
+                          "/ (n_max - n_min), the same from the second count on, and the least-squares slope over "
+                          "every count. malloc_trim=True: glibc malloc_trim(0) after each load and before reading "
                           "RSS (returns freed load-time temporaries to the OS; live tensors are unchanged). "
                           "live_*: unique tensor storages (data_ptr) of every adapter parameter and buffer, "
                           "outer_storages: distinct nora_B / nora_A storages (shared: one pair per module).")  # fmt: skip
@@ -432,8 +440,8 @@ def render() -> str:
             f"float32 in {data['fp64_modules_bit_identical_t1_t2']}/{data['modules']} modules.",
             "",
             markdown_table(["inner std", "rebuild", "rel. logit change", "rel. to adapter effect", "max abs",
-                            "worst sketch residual", f"verify (tol {1e-5:.0e})"], rows),  # fmt: skip
-        ]
+                            "worst sketch residual", f"verify (tol {1e-5:.0e})"], rows),
+        ]  # fmt: skip
     path = RESULTS_DIR / "adapters_files.json"
     if path.exists():
         data = read_json(path)
@@ -446,18 +454,25 @@ def render() -> str:
     if path.exists():
         data = read_json(path)
         rows = [[r["kind"], r["n"], "yes" if r.get("malloc_trim") else "no", f"{r['rss_loaded_mb']:.0f}",
-                 f"{r['per_extra_adapter_mb']:.2f}", f"{r['ratio_extra_to_trainable']:.2f}x",
-                 "-" if "per_extra_tail_mb" not in r else f"{r['per_extra_tail_mb']:.2f}",
-                 "-" if "per_extra_tail_mb" not in r else f"{r['ratio_tail_to_trainable']:.2f}x",
-                 f"{r['live_adapter_bytes'] / 2**20:.1f}", r["outer_storages"],
-                 f"{r['live_per_extra_adapter_mb']:.2f}", f"{r['trainable_mb_per_adapter']:.2f}",
-                 f"{r['live_ratio_extra_to_trainable']:.2f}x"] for r in data["rows"]]  # fmt: skip
+                 f"{r['live_adapter_bytes'] / 2**20:.1f}", r["outer_storages"]] for r in data["rows"]]  # fmt: skip
         parts += ["", "### (c) Memory with many adapters loaded (SmolLM2-135M)", "", f"`{data['command']}`", "",
-                  markdown_table(["adapters", "n", "malloc_trim", "RSS MB", "RSS MB per extra adapter",
-                                  "RSS extra / trained", "RSS MB per extra (from the second n)",
-                                  "extra (from the second n) / trained", "live adapter tensors MB", "outer storages",
-                                  "live MB per extra adapter", "trained MB per adapter", "live extra / trained"],
-                                 rows)]  # fmt: skip
+                  markdown_table(["adapters", "n", "malloc_trim", "RSS MB", "live adapter tensors MB",
+                                  "outer storages"], rows)]  # fmt: skip
+        if "slopes" in data:
+
+            def cell(mb, ratio):
+                return "-" if mb is None else f"{mb:.2f} ({ratio:.2f}x)"
+
+            rows = [[s["kind"], "yes" if s["malloc_trim"] else "no", f"{s['trained_mb_per_adapter']:.2f}",
+                     cell(s["rss_end_to_end_mb"], s["rss_end_to_end_ratio"]),
+                     cell(s["rss_from_second_mb"], s["rss_from_second_ratio"]),
+                     cell(s["rss_least_squares_mb"], s["rss_least_squares_ratio"]),
+                     cell(s["live_mb"], s["live_ratio"])] for s in data["slopes"]]  # fmt: skip
+            counts = data["slopes"][0]["counts"]
+            parts += ["", f"MB per extra adapter (x its trained bytes), counts {counts}:", "",
+                      markdown_table(["adapters", "malloc_trim", "trained MB per adapter",
+                                      f"RSS {counts[0]} -> {counts[-1]}", f"RSS {counts[1]} -> {counts[-1]}",
+                                      "RSS least squares", "live tensors"], rows)]  # fmt: skip
     return "\n".join(parts)
 
 

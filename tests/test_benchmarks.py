@@ -309,3 +309,28 @@ def test_every_decoder_variant_builds_its_config(bench_accuracy, tmp_path):
             assert args.method == "lorasb" and config.structure == "adapter" and config.inner_init == "grad_step"
             assert config.grad_first_step_lr == pytest.approx(1e-3 / B.DECODER_BUDGET.warmup_steps)
     assert B._decoder_flags("lorasb-r60")[-2:] == ["--nora-r", "60"]
+
+
+@pytest.fixture(scope="module")
+def bench_adapters():
+    yield from _load_bench("bench_adapters")
+
+
+def test_memory_slopes_end_to_end_tail_and_least_squares(bench_adapters):
+    """The (c) memory table's slopes: end to end, from the second count on, least squares; the first cell carries
+    20 MB of one-time garbage, which only the end-to-end slope absorbs fully."""
+    mb = 2**20
+    cells = [{"kind": "k", "malloc_trim": False, "n": n, "rss_loaded_mb": 100 + 4 * n + (20 if n == 1 else 0),
+              "live_adapter_bytes": 3 * n * mb, "trainable_bytes": 3 * n * mb} for n in (32, 1, 8, 16)]  # fmt: skip
+    s = bench_adapters.memory_slopes(cells)
+    assert s["counts"] == [1, 8, 16, 32] and s["trained_mb_per_adapter"] == pytest.approx(3.0)
+    assert s["rss_end_to_end_mb"] == pytest.approx((228 - 124) / 31)
+    assert s["rss_from_second_mb"] == pytest.approx(4.0)
+    ns, ys = [1, 8, 16, 32], [124, 132, 164, 228]
+    mean_n, mean_y = sum(ns) / 4, sum(ys) / 4
+    expected = sum((n - mean_n) * (y - mean_y) for n, y in zip(ns, ys)) / sum((n - mean_n) ** 2 for n in ns)
+    assert s["rss_least_squares_mb"] == pytest.approx(expected)
+    assert s["rss_least_squares_ratio"] == pytest.approx(expected / 3)
+    assert s["live_mb"] == pytest.approx(3.0) and s["live_ratio"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two adapter counts"):
+        bench_adapters.memory_slopes(cells[:1])
