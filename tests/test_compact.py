@@ -41,6 +41,16 @@ def _saved(tmp_path: Path, kind: str = "llama", **kw) -> tuple[Path, torch.Tenso
     return tmp_path / "adapter", out, model
 
 
+def _saved_as(tmp_path: Path, save_outer_factors: bool) -> tuple[Path, torch.Tensor]:
+    """`_saved`, written compact or (save_outer_factors=True) full; returns (dir, its output)."""
+    adapter, expected, model = _saved(tmp_path)
+    if save_outer_factors:
+        model.peft_config["default"].save_outer_factors = True
+        model.save_pretrained(tmp_path / "full")
+        adapter = tmp_path / "full"
+    return adapter, expected
+
+
 def _fresh_process(kind: str, adapter: Path, threads: int, tmp_path: Path) -> torch.Tensor:
     out = tmp_path / f"out_{threads}.pt"
     subprocess.run([sys.executable, str(CHILD), kind, str(adapter), str(threads), str(out)], check=True)
@@ -351,11 +361,7 @@ def test_save_one_shared_adapter_writes_a_complete_file(tmp_path, save_outer_fac
 
 @pytest.mark.parametrize("save_outer_factors", [True, False])
 def test_loaded_adapters_share_and_skip_the_rebuild(tmp_path, monkeypatch, save_outer_factors):
-    adapter, expected, model = _saved(tmp_path)
-    if save_outer_factors:
-        model.peft_config["default"].save_outer_factors = True
-        model.save_pretrained(tmp_path / "full")
-        adapter = tmp_path / "full"
+    adapter, expected = _saved_as(tmp_path, save_outer_factors)
     loaded = PeftModel.from_pretrained(build_base("llama"), adapter).eval()
     calls = []
     real = compact.rebuild_outer
@@ -485,11 +491,7 @@ def test_compact_rebuild_on_a_non_finite_base_is_refused(tmp_path):
 def test_further_loads_reuse_the_cached_sketches(tmp_path, monkeypatch, save_outer_factors):
     """Loading onto a shared twin does not copy the tensor onto itself (which bumped its version counter and threw
     away the cached float64 sketches: two outer-factor-sized float64 copies per module per load)."""
-    adapter, expected, model = _saved(tmp_path)
-    if save_outer_factors:
-        model.peft_config["default"].save_outer_factors = True
-        model.save_pretrained(tmp_path / "full")
-        adapter = tmp_path / "full"
+    adapter, expected = _saved_as(tmp_path, save_outer_factors)
     loaded = PeftModel.from_pretrained(build_base("llama"), adapter).eval()
     loaded.load_adapter(adapter, adapter_name="second")
     versions = [
