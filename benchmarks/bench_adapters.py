@@ -42,6 +42,14 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _rss_anon_mb() -> float:
+    """Anonymous resident memory (MB): RSS without the file-backed pages (mmapped base weights)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no RssAnon line: the memory benchmark needs Linux")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -322,7 +330,7 @@ def _memory_child(kind: str, root: str, n: int, trim: bool) -> None:
     gc.collect()
     if trim:
         _malloc_trim()
-    before = _rss_mb()
+    before, anon_before = _rss_mb(), _rss_anon_mb()
     dirs = sorted(Path(root).iterdir())[:n]
     model = PeftModel.from_pretrained(base, dirs[0], adapter_name="a0")
     for i, d in enumerate(dirs[1:], 1):
@@ -333,11 +341,12 @@ def _memory_child(kind: str, root: str, n: int, trim: bool) -> None:
     gc.collect()
     if trim:
         _malloc_trim()
-    after = _rss_mb()
+    after, anon_after = _rss_mb(), _rss_anon_mb()
     inner = sum(p.numel() * p.element_size() for k, p in model.named_parameters() if "inner" in k or "lora_" in k)
     with torch.no_grad():
         model(input_ids=_tokens(batch=1, seq=8))
     print(json.dumps({"kind": kind, "n": n, "malloc_trim": trim, "rss_base_mb": before, "rss_loaded_mb": after,
+                      "rss_anon_base_mb": anon_before, "rss_anon_loaded_mb": anon_after,
                       "peak_rss_mb": _peak_rss_mb(), **_live_storage(model), "trainable_bytes": inner}))  # fmt: skip
 
 
@@ -381,15 +390,20 @@ def memory_slopes(cells: list[dict]) -> dict:
         raise ValueError(f"memory slopes need at least two adapter counts, got {ns}: pass --counts 1 8 32")
     rss = [r["rss_loaded_mb"] for r in cells]
     live = [r["live_adapter_bytes"] / 2**20 for r in cells]
-    mean_n, mean_rss = sum(ns) / len(ns), sum(rss) / len(rss)
-    fit = sum((n - mean_n) * (y - mean_rss) for n, y in zip(ns, rss)) / sum((n - mean_n) ** 2 for n in ns)
+
+    def fit(ys: list[float]) -> float:
+        mean_n, mean_y = sum(ns) / len(ns), sum(ys) / len(ys)
+        return sum((n - mean_n) * (y - mean_y) for n, y in zip(ns, ys)) / sum((n - mean_n) ** 2 for n in ns)
+
+    anon = [r.get("rss_anon_loaded_mb") for r in cells]
     trained = cells[-1]["trainable_bytes"] / ns[-1] / 2**20
     out = {"kind": cells[0]["kind"], "malloc_trim": cells[0]["malloc_trim"], "counts": ns,
            "trained_mb_per_adapter": trained,
            "rss_end_to_end_mb": (rss[-1] - rss[0]) / (ns[-1] - ns[0]),
            "rss_from_second_mb": (rss[-1] - rss[1]) / (ns[-1] - ns[1]) if len(ns) > 2 else None,
-           "rss_least_squares_mb": fit, "live_mb": (live[-1] - live[0]) / (ns[-1] - ns[0])}  # fmt: skip
-    for key in ("rss_end_to_end_mb", "rss_from_second_mb", "rss_least_squares_mb", "live_mb"):
+           "rss_least_squares_mb": fit(rss), "anon_least_squares_mb": None if None in anon else fit(anon),
+           "live_mb": (live[-1] - live[0]) / (ns[-1] - ns[0])}  # fmt: skip
+    for key in ("rss_end_to_end_mb", "rss_from_second_mb", "rss_least_squares_mb", "anon_least_squares_mb", "live_mb"):
         out[key.replace("_mb", "_ratio")] = None if out[key] is None else out[key] / trained
     return out
 
@@ -454,10 +468,13 @@ def render() -> str:
     if path.exists():
         data = read_json(path)
         rows = [[r["kind"], r["n"], "yes" if r.get("malloc_trim") else "no", f"{r['rss_loaded_mb']:.0f}",
+                 "-" if "rss_anon_loaded_mb" not in r else f"{r['rss_anon_base_mb']:.0f}",
+                 "-" if "rss_anon_loaded_mb" not in r else f"{r['rss_anon_loaded_mb']:.0f}",
                  f"{r['live_adapter_bytes'] / 2**20:.1f}", r["outer_storages"]] for r in data["rows"]]  # fmt: skip
         parts += ["", "### (c) Memory with many adapters loaded (SmolLM2-135M)", "", f"`{data['command']}`", "",
-                  markdown_table(["adapters", "n", "malloc_trim", "RSS MB", "live adapter tensors MB",
-                                  "outer storages"], rows)]  # fmt: skip
+                  markdown_table(["adapters", "n", "malloc_trim", "RSS MB", "RssAnon MB, base only",
+                                  "RssAnon MB, loaded", "live adapter tensors MB", "outer storages"],
+                                 rows)]  # fmt: skip
         if "slopes" in data:
 
             def cell(mb, ratio):
@@ -467,12 +484,14 @@ def render() -> str:
                      cell(s["rss_end_to_end_mb"], s["rss_end_to_end_ratio"]),
                      cell(s["rss_from_second_mb"], s["rss_from_second_ratio"]),
                      cell(s["rss_least_squares_mb"], s["rss_least_squares_ratio"]),
+                     cell(s.get("anon_least_squares_mb"), s.get("anon_least_squares_ratio")),
                      cell(s["live_mb"], s["live_ratio"])] for s in data["slopes"]]  # fmt: skip
             counts = data["slopes"][0]["counts"]
             parts += ["", f"MB per extra adapter (x its trained bytes), counts {counts}:", "",
                       markdown_table(["adapters", "malloc_trim", "trained MB per adapter",
                                       f"RSS {counts[0]} -> {counts[-1]}", f"RSS {counts[1]} -> {counts[-1]}",
-                                      "RSS least squares", "live tensors"], rows)]  # fmt: skip
+                                      "RSS least squares", "RssAnon least squares", "live tensors"],
+                                     rows)]  # fmt: skip
     return "\n".join(parts)
 
 

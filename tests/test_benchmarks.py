@@ -321,7 +321,8 @@ def test_memory_slopes_end_to_end_tail_and_least_squares(bench_adapters):
     20 MB of one-time garbage, which only the end-to-end slope absorbs fully."""
     mb = 2**20
     cells = [{"kind": "k", "malloc_trim": False, "n": n, "rss_loaded_mb": 100 + 4 * n + (20 if n == 1 else 0),
-              "live_adapter_bytes": 3 * n * mb, "trainable_bytes": 3 * n * mb} for n in (32, 1, 8, 16)]  # fmt: skip
+              "rss_anon_loaded_mb": 50 + 3.5 * n, "live_adapter_bytes": 3 * n * mb, "trainable_bytes": 3 * n * mb}
+             for n in (32, 1, 8, 16)]  # fmt: skip
     s = bench_adapters.memory_slopes(cells)
     assert s["counts"] == [1, 8, 16, 32] and s["trained_mb_per_adapter"] == pytest.approx(3.0)
     assert s["rss_end_to_end_mb"] == pytest.approx((228 - 124) / 31)
@@ -331,6 +332,9 @@ def test_memory_slopes_end_to_end_tail_and_least_squares(bench_adapters):
     expected = sum((n - mean_n) * (y - mean_y) for n, y in zip(ns, ys)) / sum((n - mean_n) ** 2 for n in ns)
     assert s["rss_least_squares_mb"] == pytest.approx(expected)
     assert s["rss_least_squares_ratio"] == pytest.approx(expected / 3)
+    assert s["anon_least_squares_mb"] == pytest.approx(3.5) and s["anon_least_squares_ratio"] == pytest.approx(3.5 / 3)
     assert s["live_mb"] == pytest.approx(3.0) and s["live_ratio"] == pytest.approx(1.0)
+    del cells[0]["rss_anon_loaded_mb"]  # an older run without RssAnon: that slope is absent, not made up
+    assert bench_adapters.memory_slopes(cells)["anon_least_squares_mb"] is None
     with pytest.raises(ValueError, match="at least two adapter counts"):
         bench_adapters.memory_slopes(cells[:1])
