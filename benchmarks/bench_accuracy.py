@@ -516,9 +516,15 @@ def run_encoder(unit: Unit, budget: EncoderBudget = ENCODER_BUDGET) -> dict[str,
         if getattr(config, "needs_gradient_init", False):  # issue 23: nora.gradient_init on the first examples
             from nora import gradient_init
 
-            n_grad, bs = (LORASB_EXAMPLES, LORASB_EXAMPLES) if unit.variant in LORASB_VARIANTS else (GRAD_INIT_EXAMPLES, budget.batch_size)
+            n_grad, bs = (
+                (LORASB_EXAMPLES, LORASB_EXAMPLES)
+                if unit.variant in LORASB_VARIANTS
+                else (GRAD_INIT_EXAMPLES, budget.batch_size)
+            )
             batches = [encoder_collate(tok, train[i : i + bs], kind, budget.max_length) for i in range(0, n_grad, bs)]
-            grad_facts = gradient_init(model, config, batches, train_mode=unit.variant in LORASB_VARIANTS, progress=False)
+            grad_facts = gradient_init(
+                model, config, batches, train_mode=unit.variant in LORASB_VARIANTS, progress=False
+            )
             grad_init = {"examples": n_grad, "batches": len(batches), "first_step_lr": config.grad_first_step_lr,
                          "train_mode": unit.variant in LORASB_VARIANTS, "estimator": config.grad_estimator,
                          "median_energy_in_r_inner": statistics.median(f["energy_in_r_inner"]
@@ -647,7 +653,9 @@ def decoder_validation(unit: Unit, adapter: str | None, options, protocol: str) 
     from nora.harness.prompts import PromptBuilder
     from nora.harness.runinfo import read_run_config
 
-    tasks, n = (DECODER_VAL_TASKS, DECODER_VAL_EXAMPLES) if unit.part == "decoder" else (("gsm8k",), GSM8K_VAL_EXAMPLES)
+    tasks, n = (
+        (DECODER_VAL_TASKS, DECODER_VAL_EXAMPLES) if unit.part == "decoder" else (("gsm8k",), GSM8K_VAL_EXAMPLES)
+    )
     loaded, tok, _ = load_for_eval(C.SMOLLM2 if adapter is None else None, adapter)
     builder = PromptBuilder(tok, system_prompt=read_run_config(adapter).get("system_prompt") if adapter else None)
     out = {}
@@ -1022,7 +1030,9 @@ def encoder_pair(cells: dict[str, Any], a: str, b: str, within: float | None = N
         word, diff = compare(x["stats"]["test"], y["stats"]["test"], ENCODER_BUDGET.test_examples)
         noise = noise_threshold(x["stats"]["test"], y["stats"]["test"], ENCODER_BUDGET.test_examples)
         n = min(x["stats"]["test"]["n"], y["stats"]["test"]["n"])
-        goal = "" if within is None else f"; {'meets' if 100 * diff >= -within else 'misses'} the {within:g}-point goal"
+        goal = (
+            "" if within is None else f"; {'meets' if 100 * diff >= -within else 'misses'} the {within:g}-point goal"
+        )
         parts.append(f"{TASK_LABEL[t]}: {word} ({100 * diff:+.1f} pts, noise ±{100 * noise:.1f}, @ {x['lr']:g} vs "
                      f"{y['lr']:g}, n={n}{goal})")  # fmt: skip
     return "; ".join(parts) or "not measured yet"
@@ -1035,8 +1045,12 @@ def init_study_verdicts(cells: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(f"{INIT_STUDY_LABEL[v]} > NoRA library default (encoder, lr by validation each)",
              encoder_pair(cells, v, default)) for v in INIT_STUDY if v not in LORASB_VARIANTS]  # fmt: skip
     for v in LORASB_VARIANTS:
-        rows.append((f"{INIT_STUDY_LABEL[v]} > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)",
-                     encoder_pair(cells, v, "loraxs")))
+        rows.append(
+            (
+                f"{INIT_STUDY_LABEL[v]} > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)",
+                encoder_pair(cells, v, "loraxs"),
+            )
+        )
     for v in (default, *[v for v in INIT_STUDY if v != "lorasb"]):
         label = NORA_DEFAULT_LABEL if v == default else INIT_STUDY_LABEL[v]
         rows.append((f"{label} within 1 point of LoRA r=16 (issue-23 goal)", encoder_pair(cells, v, "lora", 1.0)))

@@ -168,8 +168,9 @@ def run_repro(args) -> dict:
         logits = {w: _logits(model, table, w, tokens) for w in table[next(iter(table))]}
         delta = (logits["fp32_t1"] - base_logits).norm()
 
-        def cmp(a: str, b: str, method: str, residual_key: str | None, logits=logits, delta=delta, res=res,
-                std=std) -> dict:
+        def cmp(
+            a: str, b: str, method: str, residual_key: str | None, logits=logits, delta=delta, res=res, std=std
+        ) -> dict:
             diff = logits[a] - logits[b]
             return {
                 "inner_std": std,
@@ -263,7 +264,9 @@ def llama8b_sizes() -> list[dict]:
     for kind in ("nora_full", "nora_compact", "exported_lora_r32", "peft_lora_r16"):
         model = meta_model("llama3-8b").to(torch.bfloat16)
         if kind.startswith("nora") or kind == "exported_lora_r32":
-            cfg = nora.NoraConfig(r=R, r_inner=R_INNER, target_modules=TARGETS, save_outer_factors=kind != "nora_compact")
+            cfg = nora.NoraConfig(
+                r=R, r_inner=R_INNER, target_modules=TARGETS, save_outer_factors=kind != "nora_compact"
+            )
             peft_model = get_peft_model(model, cfg)
             if kind == "exported_lora_r32":  # rank-32 LoRA factors (fp32) of every module
                 n = sum(4 * R_INNER * (m.in_features + m.out_features) for _, m in nora.model.nora_layers(peft_model))

@@ -180,7 +180,10 @@ def render(payload: dict) -> str:
         for n in NS:
             nr, lr = rows[(shape, "nora", f"N={n}")]["tokens_per_s"], rows[(shape, "lora", f"N={n}")]["tokens_per_s"]
             out.append(f"| {shape} | N={n} | {nr:,.0f} | {lr:,.0f} | {nr / lr:.2f}x | {nr / one:.2f}x |")
-    out += ["", f"NoRA layers holding one outer tensor for all 16 adapters: {s['nora_layers_sharing_one_outer_tensor']}."]
+    out += [
+        "",
+        f"NoRA layers holding one outer tensor for all 16 adapters: {s['nora_layers_sharing_one_outer_tensor']}.",
+    ]
     for shape in ("prefill", "decode"):
         picks = {n: rows[(shape, "nora", f"N={n}")]["nora_layer_paths"] for n in NS}
         text = ", ".join(f"N={n}: {p['shared']} shared / {p['grouped']} per-adapter" for n, p in picks.items())

