@@ -160,6 +160,11 @@ INIT_STUDY: dict[str, list[str]] = {
     # encoder task (the issue-23 budget; r=64 is 22.6 %)
     "lorasb-r60": ["--method", "loraxs", "--nora-r", "60", "--outer-init", "grad", "--outer-scaling", "orthonormal",
                    "--inner-init", "grad_step", "--grad-estimator", "sign"],
+    # wide outer, thin inner: r = 384 is the full rank of every MiniLM-L6 projection, so the frozen pair is an
+    # orthonormal basis of W's row and column spaces and the trained core is rank 4: 36 x 2 x 384 x 4 = 110,592
+    # adapter numbers (16.3 % of LoRA r=16's 676,995 with the head); on the 1536-wide FFN projections it trains 3,072
+    # numbers where LoRA r=4 trains 7,680
+    "nora-wide": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal"],
 }  # fmt: skip
 #: the LoRA-SB variants (compared with LoRA-XS rather than with the NoRA default)
 LORASB_VARIANTS = ("lorasb", "lorasb-r60")
@@ -172,6 +177,7 @@ INIT_STUDY_LABEL = {
     "nora-outer-grad": "NoRA r=64/32, outer_init grad (LoRA-SB basis)",
     "lorasb": "LoRA-SB r=64",
     "lorasb-r60": "LoRA-SB r=60 (<= 20 % of LoRA r=16's parameters)",
+    "nora-wide": "NoRA r=384/4, orthonormal outer (full-rank basis, rank-4 core)",
 }
 GRAD_INIT_EXAMPLES = 64  # 4 batches of 16, the AwSVD calibration's examples
 LORASB_EXAMPLES = 2  # LoRA-SB's GLUE setting (~0.1 % of a training set; 0.1 % of ours would be 1)
@@ -197,6 +203,8 @@ ENCODER_LRS = {
     "nora-outer-grad": (4e-3, 1.2e-2, 3.6e-2),
     "lorasb": (4e-3, 1.2e-2, 3.6e-2),
     "lorasb-r60": (2e-3, 4e-3, 8e-3),
+    # A' (std 0.1, s = 1) gives rows of A'A ~1.7x LoRA r=16's s * |A| (alpha 32, kaiming A), so LoRA's 1e-3 maps to ~6e-4
+    "nora-wide": (5e-4, 1e-3, 2e-3),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),
