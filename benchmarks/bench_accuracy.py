@@ -165,6 +165,20 @@ INIT_STUDY: dict[str, list[str]] = {
     # adapter numbers (114,819 with the sentiment head, 17.0 % of LoRA r=16's 676,995); on the 1536-wide FFN projections it trains 3,072
     # numbers where LoRA r=4 trains 7,680
     "nora-wide": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal"],
+    # fourth pass (same 36 x 3,072 = 110,592 adapter numbers): the wide basis with A' along the task's gradient
+    # (inner_init="grad", B' = 0 keeps the identity), and rank traded for width (r = 128, r' = 12) on W's principal
+    # subspace or on LoRA-SB's gradient basis
+    "nora-wide-grad": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal",
+                       "--inner-init", "grad"],
+    "nora-128-12": ["--method", "nora", "--nora-r", "128", "--r-inner", "12", "--outer-scaling", "orthonormal"],
+    "nora-128-12-sb": ["--method", "nora", "--nora-r", "128", "--r-inner", "12", "--outer-init", "grad",
+                       "--outer-scaling", "orthonormal", "--grad-estimator", "sign"],
+    # nora-wide in LoRA r=4's parametrisation: s = alpha / r' = 2 and A' at the std of LoRA's kaiming-uniform A
+    # (1 / sqrt(3 n) = 0.0295 for n = 384), so on a square projection it trains exactly like LoRA r=4 in a rotated basis
+    "nora-wide-lorascale": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal",
+                            "--alpha", "8", "--inner-init-std", "0.0295"],
+    # diagnostic, not a budget candidate (25 % of LoRA r=16's parameters): is LoRA itself worse at rank 4?
+    "lora-r4": ["--method", "lora", "--lora-r", "4", "--lora-alpha", "8"],
 }  # fmt: skip
 #: the LoRA-SB variants (compared with LoRA-XS rather than with the NoRA default)
 LORASB_VARIANTS = ("lorasb", "lorasb-r60")
@@ -178,6 +192,11 @@ INIT_STUDY_LABEL = {
     "lorasb": "LoRA-SB r=64",
     "lorasb-r60": "LoRA-SB r=60 (<= 20 % of LoRA r=16's parameters)",
     "nora-wide": "NoRA r=384/4, orthonormal outer (full-rank basis, rank-4 core)",
+    "nora-wide-grad": "NoRA r=384/4, orthonormal outer + inner_init grad",
+    "nora-128-12": "NoRA r=128/12, orthonormal outer",
+    "nora-128-12-sb": "NoRA r=128/12, outer_init grad (LoRA-SB basis)",
+    "nora-wide-lorascale": "NoRA r=384/4, orthonormal outer, LoRA's scale (s = 2, A' std 0.0295)",
+    "lora-r4": "LoRA r=4 (diagnostic: 25 % of LoRA r=16's parameters)",
 }
 GRAD_INIT_EXAMPLES = 64  # 4 batches of 16, the AwSVD calibration's examples
 LORASB_EXAMPLES = 2  # LoRA-SB's GLUE setting (~0.1 % of a training set; 0.1 % of ours would be 1)
@@ -206,6 +225,12 @@ ENCODER_LRS = {
     # started at LoRA's 1e-3 and below it (A' rows ~1.7x LoRA r=16's s * |A|); seed 0 put the best at 2e-3 / 4e-3, so
     # 4e-3 and 8e-3 were added until the top of the sweep lost on validation
     "nora-wide": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
+    # fourth pass: start at nora-wide's selected 2e-3 / 4e-3 (LoRA r=4 at LoRA r=16's 1e-3 / 3e-3), extend on the edge
+    "nora-wide-grad": (1e-3, 2e-3, 4e-3, 8e-3),
+    "nora-128-12": (1e-3, 2e-3, 4e-3, 8e-3),
+    "nora-128-12-sb": (1e-3, 2e-3, 4e-3, 8e-3),
+    "lora-r4": (3e-4, 1e-3, 3e-3, 1e-2),
+    "nora-wide-lorascale": (1e-3, 3e-3, 1e-2),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),
