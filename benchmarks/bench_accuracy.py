@@ -161,11 +161,11 @@ INIT_STUDY: dict[str, list[str]] = {
     "lorasb-r60": ["--method", "loraxs", "--nora-r", "60", "--outer-init", "grad", "--outer-scaling", "orthonormal",
                    "--inner-init", "grad_step", "--grad-estimator", "sign"],
     # wide outer, thin inner: r = 384 is the full rank of every MiniLM-L6 projection, so the frozen pair is an
-    # orthonormal basis of W's row and column spaces and the trained core is rank 4: 36 x 2 x 384 x 4 = 110,592
-    # adapter numbers (114,819 with the sentiment head, 17.0 % of LoRA r=16's 676,995); on the 1536-wide FFN projections it trains 3,072
+    # orthonormal basis of W's row and column spaces and the trained core is rank 4: 37 x 2 x 384 x 4 = 113,664
+    # adapter numbers (36 block projections and the pooler; 114,819 with the sentiment head, 17.0 % of LoRA r=16's 676,995); on the 1536-wide FFN projections it trains 3,072
     # numbers where LoRA r=4 trains 7,680
     "nora-wide": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal"],
-    # fourth pass (same 36 x 3,072 = 110,592 adapter numbers): the wide basis with A' along the task's gradient
+    # fourth pass (the same 37 x 3,072 = 113,664 adapter numbers): the wide basis with A' along the task's gradient
     # (inner_init="grad", B' = 0 keeps the identity), and rank traded for width (r = 128, r' = 12) on W's principal
     # subspace or on LoRA-SB's gradient basis
     "nora-wide-grad": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal",
@@ -174,7 +174,7 @@ INIT_STUDY: dict[str, list[str]] = {
     "nora-128-12-sb": ["--method", "nora", "--nora-r", "128", "--r-inner", "12", "--outer-init", "grad",
                        "--outer-scaling", "orthonormal", "--grad-estimator", "sign"],
     # nora-wide in LoRA r=4's parametrisation: s = alpha / r' = 2 and A' at the std of LoRA's kaiming-uniform A
-    # (1 / sqrt(3 n) = 0.0295 for n = 384), so on a square projection it trains exactly like LoRA r=4 in a rotated basis
+    # (1 / sqrt(3 n) = 0.0295 for n = 384), so on a square projection it is LoRA r=4 at LoRA's scale in a rotated basis (gaussian A', not uniform)
     "nora-wide-lorascale": ["--method", "nora", "--nora-r", "384", "--r-inner", "4", "--outer-scaling", "orthonormal",
                             "--alpha", "8", "--inner-init-std", "0.0295"],
     # the paper's parallel structure, dW = s C A' A: C (m x r') is not confined to W's column space (on the
