@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import nora
 from _compact_child import base_inputs, build_base, run
+from conftest import config_kwargs
 from nora import compact, sharing
 from nora.compact import CompactAdapterError
 from nora.config import FORMAT_VERSION, STRUCTURES
@@ -29,7 +30,7 @@ def _cfg(kind: str = "llama", **kw) -> nora.NoraConfig:
     defaults = dict(r=8, r_inner=4, target_modules=targets, save_outer_factors=False, init_weights=False)
     if kind == "mlp":
         defaults.update(r=64, r_inner=32, inner_init_std=0.2)
-    return nora.NoraConfig(**{**defaults, **kw})
+    return nora.NoraConfig(**config_kwargs(**{**defaults, **kw}))
 
 
 def _saved(tmp_path: Path, kind: str = "llama", **kw) -> tuple[Path, torch.Tensor, object]:

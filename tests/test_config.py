@@ -35,7 +35,7 @@ def test_defaults():
         ({"r": 16, "r_inner": 8}, 1.0),
         ({"r": 16, "r_inner": 8, "alpha": 16}, 2.0),
         ({"r": 16, "r_inner": 8, "alpha": 4}, 0.5),
-        ({"r": 16, "r_inner": 8, "alpha": 32, "structure": "adapter"}, 2.0),  # adapter: s = alpha / r
+        ({"r": 16, "alpha": 32, "structure": "adapter"}, 2.0),  # adapter: s = alpha / r
     ],
 )
 def test_scaling(kwargs, scaling):

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,7 +70,27 @@ def test_r_inner_not_a_positive_integer(value):
 def test_r_inner_exceeds_r():
     with pytest.raises(ValueError, match=r"r_inner=16 exceeds the outer rank r=8"):
         nora.NoraConfig(r=8, r_inner=16)
-    nora.NoraConfig(r=8, r_inner=16, structure="adapter")  # 'adapter' ignores r_inner
+
+
+def test_r_inner_with_adapter_structure_is_refused():
+    """'adapter' (LoRA-XS) has no inner rank: an r_inner it would not use raises instead of being ignored."""
+    with pytest.raises(ValueError, match=r"r_inner=16 has no effect with structure='adapter'.*8 x 8"):
+        nora.NoraConfig(r=8, r_inner=16, structure="adapter")
+    assert nora.NoraConfig(r=8, structure="adapter").r_inner == 8
+    assert nora.NoraConfig(r=8, r_inner=8, structure="adapter").r_inner == 8
+    assert nora.NoraConfig(r=64).r_inner == 32 and nora.NoraConfig(r=64, structure="parallel").r_inner == 32
+
+
+def test_legacy_adapter_config_with_r_inner_32_loads_with_a_warning(tmp_path):
+    """Configs saved before r_inner defaulted to None recorded r_inner=32 for 'adapter' too: they still load."""
+    nora.NoraConfig(r=8, structure="adapter").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["r_inner"] = 32
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"r_inner=32 has no effect with structure='adapter'"):
+        config = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(config, nora.NoraConfig) and config.structure == "adapter" and config.r_inner == 8
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 import _models as M
 import _oracle as O
 import nora
+from conftest import config_kwargs
 from nora.model import nora_layers
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
 
 
 def trained(family: str, steps: int = 1, **kwargs):
-    model = get_peft_model(M.fresh(family), nora.NoraConfig(**{"r": 8, "r_inner": 4, **kwargs}))
+    model = get_peft_model(M.fresh(family), nora.NoraConfig(**config_kwargs(**{"r": 8, "r_inner": 4, **kwargs})))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for step in range(steps):

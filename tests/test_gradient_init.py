@@ -16,6 +16,7 @@ from peft import get_peft_model
 from torch import nn
 
 import nora
+from conftest import config_kwargs
 from nora.gradient_init import accumulate_gradients
 
 R, R_INNER = 6, 3
@@ -58,7 +59,9 @@ def reference_grads(base: nn.Module, data) -> dict[str, torch.Tensor]:
 
 def build(**cfg):
     base = Tiny()
-    config = nora.NoraConfig(r=R, r_inner=R_INNER, target_modules=["lin1", "lin2"], svd_method="full", **cfg)
+    config = nora.NoraConfig(
+        **config_kwargs(r=R, r_inner=R_INNER, target_modules=["lin1", "lin2"], svd_method="full", **cfg)
+    )
     return base, config, get_peft_model(copy.deepcopy(base), config)
 
 

@@ -28,7 +28,11 @@ TINY = ["--r", "8", "--r-inner", "4", "--batch-size", "4", "--no-progress"]
 
 
 def _train_argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), *TINY, *extra]
+    tiny = TINY
+    if any(m in extra for m in ("loraxs", "lorasb")):  # structure 'adapter' has no inner rank: --r-inner is refused
+        i = TINY.index("--r-inner")
+        tiny = TINY[:i] + TINY[i + 2 :]
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), *tiny, *extra]
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -164,6 +168,14 @@ def test_every_method_trains(method, tiny_llama_dir, tiny_task_dir, tmp_path):
     if method == "loraxs":
         assert metrics["peft_config"]["structure"] == "adapter"
         assert metrics["trainable_params"] == 8 * 8 * 7 * 2  # one r x r matrix per module
+
+
+def test_r_inner_with_loraxs_is_refused_before_anything_is_written(capsys, tiny_llama_dir, tiny_task_dir, tmp_path):
+    argv = ["train", "--model", str(tiny_llama_dir), "--data", str(tiny_task_dir), "--out", str(tmp_path / "run"),
+            "--method", "loraxs", "--r", "8", "--r-inner", "4", "--max-steps", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "r_inner=4 has no effect with structure='adapter'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
 class _LogitsAtEnd(TrainerCallback):

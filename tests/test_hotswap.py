@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import _models as M
 import nora
+from conftest import config_kwargs
 
 
 def base_model():
@@ -20,7 +21,7 @@ def base_model():
 
 def saved_adapter(path, seed: int, **config):
     """A NoRA adapter on the tiny Llama with large random inner factors (seeded), saved to `path`."""
-    cfg = {"r": 8, "r_inner": 4, "target_modules": "all-linear", **config}
+    cfg = config_kwargs(**{"r": 8, "r_inner": 4, "target_modules": "all-linear", **config})
     model = get_peft_model(base_model(), nora.NoraConfig(**cfg))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from peft import get_peft_model
 import _models as M
 import nora
 import nora.init as init_module
+from conftest import config_kwargs
 from nora.config import AUTO_FULL_MAX_DIM
 from nora.init import (
     activation_scale,
@@ -356,7 +357,9 @@ def test_documented_inits_through_the_layer(structure):
     for inner_init in ("zeros", "sqrt_sigma", "gaussian"):
         base = M.OneLinear(16, 12)
         W = base.lin.weight.detach().clone()
-        cfg = nora.NoraConfig(r=6, r_inner=3, target_modules=["lin"], structure=structure, inner_init=inner_init)
+        cfg = nora.NoraConfig(
+            **config_kwargs(r=6, r_inner=3, target_modules=["lin"], structure=structure, inner_init=inner_init)
+        )
         layer = get_peft_model(base, cfg).base_model.model.lin
         inner_B = layer.nora_inner_B["default"]
         if inner_init == "zeros":
@@ -369,7 +372,9 @@ def test_documented_inits_through_the_layer(structure):
         else:
             assert inner_B.abs().sum() > 0
     base = M.OneLinear(16, 12)
-    cfg = nora.NoraConfig(r=6, r_inner=3, target_modules=["lin"], structure=structure, init_weights=False)
+    cfg = nora.NoraConfig(
+        **config_kwargs(r=6, r_inner=3, target_modules=["lin"], structure=structure, init_weights=False)
+    )
     layer = get_peft_model(base, cfg).base_model.model.lin
     assert layer.get_delta_weight("default").abs().sum() > 0
     assert layer.nora_inner_B["default"].abs().sum() > 0

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import _models as M
 import _oracle as O
 import nora
+from conftest import config_kwargs
 from nora.layer import fold_factors
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
@@ -21,7 +22,9 @@ STRUCTURES = ("nested", "output", "parallel", "adapter")
 
 def lin_model(m=12, n=10, seed=0, dtype=torch.float32, **kwargs):
     torch.manual_seed(seed)
-    cfg = nora.NoraConfig(**{"r": 6, "r_inner": 3, "target_modules": ["lin"], "init_weights": False, **kwargs})
+    cfg = nora.NoraConfig(
+        **config_kwargs(**{"r": 6, "r_inner": 3, "target_modules": ["lin"], "init_weights": False, **kwargs})
+    )
     model = get_peft_model(M.OneLinear(m, n, dtype=dtype), cfg)
     return model, model.base_model.model.lin
 

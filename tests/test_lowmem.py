@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 import _models as M
 import nora
+from conftest import config_kwargs
 from nora import lowmem
 from nora.layer import NoraLayer
 
@@ -33,7 +34,15 @@ def lin_model(mode: str, structure: str = "nested", **cfg):
     base = nn.Sequential(nn.Linear(N_IN, M_OUT))
     cfg.setdefault("inner_init_std", 0.5)  # an adapter term as large as W x, so the input gradient tests it too
     config = nora.NoraConfig(
-        r=R, r_inner=K, structure=structure, target_modules=["0"], init_weights=False, activation_memory=mode, **cfg
+        **config_kwargs(
+            r=R,
+            r_inner=K,
+            structure=structure,
+            target_modules=["0"],
+            init_weights=False,
+            activation_memory=mode,
+            **cfg,
+        )
     )
     model = get_peft_model(base, config)
     return model, model.base_model.model[0]

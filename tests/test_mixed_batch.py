@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 import _models as M
 import nora
+from conftest import config_kwargs
 from nora import mixed_batch
 from nora.model import nora_layers
 
@@ -27,7 +28,7 @@ def randomize_inner(model, scale: float = 0.3, seed: int = 0) -> None:
 
 def multi_adapter_model(structure="nested", names=("x", "y", "z"), layers=2, **config):
     base = M.build("llama", num_hidden_layers=layers)
-    cfg = {"r": 8, "r_inner": 4, "structure": structure, "target_modules": "all-linear", **config}
+    cfg = config_kwargs(**{"r": 8, "r_inner": 4, "structure": structure, "target_modules": "all-linear", **config})
     model = get_peft_model(base, nora.NoraConfig(**cfg), adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, nora.NoraConfig(**cfg))

@@ -44,6 +44,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 import _models as M
 import _oracle as O
 import nora
+from conftest import config_kwargs
 from nora.model import nora_layers
 
 R, R_INNER = 8, 4
@@ -67,7 +68,7 @@ FAMILY_KWARGS = {
 
 
 def make_config(family: str, **kwargs) -> nora.NoraConfig:
-    return nora.NoraConfig(**{"r": R, "r_inner": R_INNER, **FAMILY_KWARGS[family], **kwargs})
+    return nora.NoraConfig(**config_kwargs(**{"r": R, "r_inner": R_INNER, **FAMILY_KWARGS[family], **kwargs}))
 
 
 def calibration_batches(family: str) -> list[dict[str, torch.Tensor]]:

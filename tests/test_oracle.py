@@ -12,6 +12,7 @@ from peft import get_peft_model
 import _models as M
 import _oracle as O
 import nora
+from conftest import config_kwargs
 from nora.model import nora_layers
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
@@ -57,8 +58,8 @@ def test_oracle_on_hand_computed_numbers():
 @pytest.mark.parametrize("alpha", [None, 0.5, 12.0])
 def test_layer_delta_weight_and_forward_match_the_oracle(structure, alpha):
     torch.manual_seed(0)
-    cfg = nora.NoraConfig(r=6, r_inner=3, target_modules=["lin"], init_weights=False, structure=structure, alpha=alpha,
-                          inner_init_std=0.3)  # fmt: skip
+    cfg = nora.NoraConfig(**config_kwargs(r=6, r_inner=3, target_modules=["lin"], init_weights=False,
+                                          structure=structure, alpha=alpha, inner_init_std=0.3))  # fmt: skip
     model = get_peft_model(M.OneLinear(12, 10), cfg)
     layer = model.base_model.model.lin
     expected = O.delta_weight(layer, model.peft_config["default"])

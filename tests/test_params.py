@@ -15,6 +15,7 @@ from peft import get_peft_model
 
 import _models as M
 import nora
+from conftest import config_kwargs
 from nora.model import count_trainable, nora_layers
 
 LLAMA3_8B_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,7 +71,8 @@ def test_trainable_formula_per_structure(structure):
     """Llama with 2 layers: the count is the sum of the formula over every adapted matrix (various m, n)."""
     r, r_inner = 8, 4
     model = get_peft_model(
-        M.build("llama", num_hidden_layers=2), nora.NoraConfig(r=r, r_inner=r_inner, structure=structure)
+        M.build("llama", num_hidden_layers=2),
+        nora.NoraConfig(**config_kwargs(r=r, r_inner=r_inner, structure=structure)),
     )
     layers = list(nora_layers(model))
     assert len(layers) == 2 * 7

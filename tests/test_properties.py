@@ -26,6 +26,7 @@ from peft import PeftModel, get_peft_model
 import _models as M
 import _oracle as O
 import nora
+from conftest import config_kwargs
 from nora.export import lora_state_dict
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
@@ -72,15 +73,17 @@ def build(s):
         nora.set_calibration(base, {"lin": torch.rand(s["n"]) * 3 + 0.01})
     pristine = copy.deepcopy(base)
     cfg = nora.NoraConfig(
-        r=s["r"],
-        r_inner=s["r_inner"],
-        target_modules=["lin"],
-        structure=s["structure"],
-        inner_init=s["inner_init"],
-        init_weights=s["init_weights"],
-        outer_init=s["outer_init"],
-        inner_init_std=0.1,
-        alpha=s["alpha"],
+        **config_kwargs(
+            r=s["r"],
+            r_inner=s["r_inner"],
+            target_modules=["lin"],
+            structure=s["structure"],
+            inner_init=s["inner_init"],
+            init_weights=s["init_weights"],
+            outer_init=s["outer_init"],
+            inner_init_std=0.1,
+            alpha=s["alpha"],
+        )
     )
     model = get_peft_model(base, cfg)
     x = torch.randn(3, s["n"]).to(s["dtype"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,8 @@ class NoraPeftType(str):
 PEFT_TYPE = NoraPeftType("NORA")
 #: 2 (issue 21): compact files (save_outer_factors=False); version-1 files are full files and keep loading
 FORMAT_VERSION = 2
+#: the inner rank r' when NoraConfig(r_inner=None)
+DEFAULT_R_INNER = 32
 
 STRUCTURES = ("nested", "output", "parallel", "adapter")
 BIASES = ("none", "all", "nora_only")
@@ -88,8 +91,12 @@ class NoraConfig(PeftConfig):
     """
 
     r: int = field(default=64, metadata={"help": "Outer rank r of the frozen factors B (m x r) and A (r x n)."})
-    r_inner: int = field(
-        default=32, metadata={"help": "Inner rank r' of the trainable factors; ignored by structure='adapter'."}
+    r_inner: int | None = field(
+        default=None,
+        metadata={
+            "help": "Inner rank r' of the trainable factors; None means 32. structure='adapter' has no inner rank "
+            "(its trainable core R is r x r): leave it None there (it is then recorded as r)."
+        },
     )
     alpha: float | None = field(
         default=None,
@@ -285,6 +292,8 @@ class NoraConfig(PeftConfig):
         self._check_gradient_init()
         _check_choice("activation_memory", self.activation_memory, ACTIVATION_MEMORY)
         for name in ("r", "r_inner"):
+            if name == "r_inner":
+                self._resolve_r_inner()
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"NoraConfig: {name} must be a positive integer, got {value!r}.")
@@ -323,6 +332,26 @@ class NoraConfig(PeftConfig):
                 f"reads versions <= {FORMAT_VERSION}. Upgrade nora-peft (pip install -U nora-peft)."
             )
         self._from_checkpoint = False
+
+    def _resolve_r_inner(self) -> None:
+        """r_inner None -> DEFAULT_R_INNER, or r for 'adapter'; an r_inner 'adapter' cannot use is refused (the one
+        exception, 32 != r, is what configs saved before r_inner defaulted to None recorded: a warning, not an error)."""
+        if self.r_inner is None:
+            self.r_inner = self.r if self.structure == "adapter" else DEFAULT_R_INNER
+        elif self.structure == "adapter" and self.r_inner != self.r:
+            if self.r_inner != DEFAULT_R_INNER:
+                raise ValueError(
+                    f"NoraConfig: r_inner={self.r_inner} has no effect with structure='adapter' (LoRA-XS: the trainable "
+                    f"core R is r x r = {self.r} x {self.r}). Drop r_inner, or choose the core size with r."
+                )
+            warnings.warn(
+                f"NoraConfig: r_inner=32 has no effect with structure='adapter' (the core R is r x r = {self.r} x "
+                f"{self.r}); it is recorded as r_inner={self.r}. Configs saved by nora before r_inner defaulted to "
+                "None carry this value; elsewhere drop r_inner.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.r_inner = self.r
 
     @property
     def needs_gradient_init(self) -> bool:
