@@ -292,7 +292,7 @@ class NoraConfig(PeftConfig):
         self._check_gradient_init()
         _check_choice("activation_memory", self.activation_memory, ACTIVATION_MEMORY)
         for name in ("r", "r_inner"):
-            if name == "r_inner":
+            if name == "r_inner":  # after r is known to be valid: the 'adapter' default is r itself
                 self._resolve_r_inner()
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
