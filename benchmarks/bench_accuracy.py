@@ -182,6 +182,11 @@ INIT_STUDY: dict[str, list[str]] = {
     # the sentiment head (19.6 % of LoRA r=16's)
     "nora-par-320-4": ["--method", "nora", "--structure", "parallel", "--nora-r", "320", "--r-inner", "4",
                        "--outer-scaling", "orthonormal"],
+    # sixth pass: the full-rank input basis (r = 384 = n of every projection but the FFN down one, so there the frozen
+    # A = V^T is a rotation and dW = s C A' A is a rank-3 LoRA; the FFN down input stays W's 384-dim row space of 1536)
+    # at r' = 3: 105,984 adapter numbers (15.7 % of LoRA r=16's with the head)
+    "nora-par-384-3": ["--method", "nora", "--structure", "parallel", "--nora-r", "384", "--r-inner", "3",
+                       "--outer-scaling", "orthonormal"],
     # diagnostic, not a budget candidate (25 % of LoRA r=16's parameters): is LoRA itself worse at rank 4?
     "lora-r4": ["--method", "lora", "--lora-r", "4", "--lora-alpha", "8"],
 }  # fmt: skip
@@ -203,6 +208,7 @@ INIT_STUDY_LABEL = {
     "nora-wide-lorascale": "NoRA r=384/4, orthonormal outer, LoRA's scale (s = 2, A' std 0.0295)",
     "nora-par-320-4": "NoRA parallel r=320/4 (dW = s C A' A), orthonormal outer",
     "lora-r4": "LoRA r=4 (diagnostic: 25 % of LoRA r=16's parameters)",
+    "nora-par-384-3": "NoRA parallel r=384/3 (full-rank input basis), orthonormal outer",
 }
 GRAD_INIT_EXAMPLES = 64  # 4 batches of 16, the AwSVD calibration's examples
 LORASB_EXAMPLES = 2  # LoRA-SB's GLUE setting (~0.1 % of a training set; 0.1 % of ours would be 1)
@@ -238,6 +244,7 @@ ENCODER_LRS = {
     "lora-r4": (3e-4, 1e-3, 3e-3, 1e-2),
     "nora-wide-lorascale": (1e-3, 3e-3, 1e-2),
     "nora-par-320-4": (1e-3, 2e-3, 4e-3, 8e-3),
+    "nora-par-384-3": (1e-3, 2e-3, 4e-3),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import patterns
 from .config import NoraConfig
 from .init import check_weight, init_outer
 
@@ -319,6 +320,7 @@ def _restore_module(layer, config, module: str, scale, record_A, record_B) -> tu
             A.to(dtype).clone(memory_format=torch.contiguous_format),
         )
 
+    config = patterns.module_config(config, module)  # rank_pattern: rebuild this module's r
     if record_A.shape != (config.r, SKETCH_COLS) or record_B.shape != (SKETCH_COLS, config.r):
         raise CompactAdapterError(
             f"NoRA compact adapter: the verification record of module {module!r} has shapes "

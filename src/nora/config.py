@@ -10,6 +10,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from . import patterns
+
 
 class NoraPeftType(str):
     """NoRA's peft_type: the string "NORA" that also reads like a member of PEFT's `PeftType` enum.
@@ -97,6 +99,17 @@ class NoraConfig(PeftConfig):
             "help": "Inner rank r' of the trainable factors; None means 32. structure='adapter' has no inner rank "
             "(its trainable core R is r x r): leave it None there (it is then recorded as r)."
         },
+    )
+    rank_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module outer rank r, as PEFT LoRA's rank_pattern: {'k_proj': 192}, on the CLI --rank-pattern k_proj=192 (a key is a regex matched "
+            "against the end of a module name; unmatched modules use r). None means {}."
+        },
+    )
+    r_inner_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "Per-module inner rank r', keyed like rank_pattern; unmatched modules use r_inner."},
     )
     alpha: float | None = field(
         default=None,
@@ -302,6 +315,7 @@ class NoraConfig(PeftConfig):
                 f"NoraConfig: r_inner={self.r_inner} exceeds the outer rank r={self.r}; the nested update has rank "
                 f"<= min(r, r_inner), so choose r_inner <= r (e.g. r={self.r}, r_inner={self.r // 2 or 1})."
             )
+        patterns.check(self)
         if not 0.0 <= self.nora_dropout < 1.0:
             raise ValueError(f"NoraConfig: nora_dropout must be in [0, 1), got {self.nora_dropout}.")
         if self.awsvd_alpha < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from peft import LoraConfig
@@ -33,7 +34,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
         )
     config = configs[adapter_name]
     state: dict[str, torch.Tensor] = {}
-    targets, fan_in_fan_out, ranks = set(), False, set()
+    targets, fan_in_fan_out, ranks = set(), False, {}
     for name, layer in nora_layers(model):
         if adapter_name not in layer.nora_inner_B:
             continue
@@ -43,10 +44,11 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
         state[f"{name}.lora_B.weight"] = lora_B.to(dtype).contiguous()
         targets.add(name.removeprefix(_PEFT_PREFIX))
         fan_in_fan_out |= layer.fan_in_fan_out
-        ranks.add(lora_A.shape[0])
+        ranks[name.removeprefix(_PEFT_PREFIX)] = lora_A.shape[0]
     if not state:
         raise ValueError(f"export_lora: the model has no NoRA layers for adapter {adapter_name!r}.")
-    (rank,) = ranks
+    rank = max(set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k))  # the most common k; others by pattern
+    pattern = {t: k for t, k in ranks.items() if k != rank}  # r_inner_pattern: per-module k, each at scaling 1
     # everything PEFT saves besides NoRA's own tensors (modules_to_save, trained biases) is keyed exactly as a LoRA
     # adapter with the same modules_to_save / bias saves it, so take it from PEFT's own selection
     for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
@@ -55,6 +57,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
+        rank_pattern={re.escape(t): k for t, k in pattern.items()},
+        alpha_pattern={re.escape(t): k for t, k in pattern.items()},
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,
         bias=_LORA_BIAS[config.bias],

@@ -29,7 +29,17 @@ from .config import PEFT_TYPE, NoraConfig
 from .sharing import OUTER_FIELDS
 
 #: config fields that must be equal: they decide the outer factors or what the forward computes besides the tensors
-FORWARD_FIELDS = ("r", "r_inner", "structure", "scaling", "nora_dropout", "bias", "fan_in_fan_out")
+FORWARD_FIELDS = (
+    "r",
+    "r_inner",
+    "rank_pattern",
+    "r_inner_pattern",
+    "structure",
+    "scaling",
+    "nora_dropout",
+    "bias",
+    "fan_in_fan_out",
+)
 OUTER_CHECK_FIELDS = tuple(f for f in OUTER_FIELDS if f != "save_outer_factors")
 INNER = ("nora_inner_B", "nora_inner_A")
 

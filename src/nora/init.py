@@ -40,8 +40,9 @@ def check_weight(weight: torch.Tensor, r: int, name: str = "weight", finite: boo
     m, n = weight.shape
     if r > min(m, n):
         raise ValueError(
-            f"{name}: outer rank r={r} exceeds min(out, in)=min({m}, {n})={min(m, n)}; choose r <= {min(m, n)} or "
-            "exclude this module (exclude_modules=[...])."
+            f"{name}: outer rank r={r} exceeds min(out, in)=min({m}, {n})={min(m, n)}; choose r <= {min(m, n)}, give "
+            f"this module its own r (rank_pattern={{'{name.rsplit('.', 1)[-1]}': {min(m, n)}}}) or exclude it "
+            "(exclude_modules=[...])."
         )
     if finite and weight.device.type != "meta" and not torch.isfinite(weight).all():
         raise ValueError(f"{name}: the base weight contains NaN or inf; NoRA cannot factorise a non-finite weight.")

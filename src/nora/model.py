@@ -8,7 +8,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import mixed_batch
+from . import mixed_batch, patterns
 from .config import NoraConfig
 from .fingerprint import apply_fingerprint_policy, weight_fingerprint
 from .layer import Linear, NoraLayer
@@ -78,6 +78,8 @@ class NoraModel(BaseTuner):
                 f"NoRA: no module matched target_modules={config.target_modules!r}. Linear/Conv1D modules in this "
                 f"model are named: {', '.join(names) or '(none)'}. Pass some of these as target_modules."
             ) from exc
+        names = [n for n, m in model.named_modules() if isinstance(m, NoraLayer) and adapter_name in m.r]
+        patterns.check_all_matched(self.peft_config[adapter_name], names)
         from . import compact
 
         compact.remember_model(model, adapter_name, self.peft_config[adapter_name])
@@ -108,12 +110,14 @@ class NoraModel(BaseTuner):
         # DeepSpeed ZeRO-3: every weight read at init (fingerprint, checks, SVD) sees the whole weight (read-only)
         with gather_params_ctx(list(base.parameters(recurse=False)), modifier_rank=None):
             self._check_or_record_fingerprint(nora_config, current_key, base, backend)
+            layer_config = patterns.module_config(nora_config, current_key)  # rank_pattern / r_inner_pattern
             if isinstance(target, Linear):
-                target.update_layer(adapter_name, nora_config, act_mean_abs=act, module_name=current_key)
+                target.update_layer(adapter_name, layer_config, act_mean_abs=act, module_name=current_key)
                 return
             nora_config.fan_in_fan_out = isinstance(base, Conv1D)  # recorded for PEFT tooling; layers read the type
+            layer_config.fan_in_fan_out = nora_config.fan_in_fan_out
             new_module = Linear(
-                target, adapter_name, nora_config, act_mean_abs=act, module_name=current_key, **quant_kwargs
+                target, adapter_name, layer_config, act_mean_abs=act, module_name=current_key, **quant_kwargs
             )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

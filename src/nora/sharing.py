@@ -17,6 +17,7 @@ from peft.tuners._buffer_dict import BufferDict
 #: config fields that determine the outer factors (besides the base weight and, for awsvd, the channel scales)
 OUTER_FIELDS = (
     "r",
+    "rank_pattern",
     "outer_init",
     "outer_scaling",
     "awsvd_alpha",
@@ -47,7 +48,8 @@ class OuterFactors(BufferDict):
 
 def outer_settings(config) -> tuple:
     """The part of a NoraConfig that decides B and A (a prefilter: equal content is still checked)."""
-    return tuple(getattr(config, f, None) for f in OUTER_FIELDS)
+    values = (getattr(config, f, None) for f in OUTER_FIELDS)
+    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values)  # hashable (rank_pattern)
 
 
 def shares_outer(layer, a: str, b: str) -> bool:

@@ -68,6 +68,17 @@ def _int_list(text: str) -> list[int] | int:
     return items if len(items) > 1 else items[0]
 
 
+def _int_mapping(text: str) -> dict[str, int]:
+    """ "k_proj=192,v_proj=192" -> {"k_proj": 192, "v_proj": 192} (rank_pattern / r_inner_pattern)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.rpartition("=")
+        if not sep or not key or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected PATTERN=RANK[,PATTERN=RANK...], e.g. k_proj=192; got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
 def nora_fields() -> list[dataclasses.Field]:
     """NoraConfig fields exposed as `nora train` flags."""
     return [f for f in dataclasses.fields(NoraConfig) if f.name not in NORA_SKIPPED_FIELDS]
@@ -86,6 +97,8 @@ def add_nora_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = choices
         elif kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("dict[str, int]"):
+            kwargs["type"] = _int_mapping
         elif kind.startswith("list[int]"):
             kwargs["type"] = _int_list
         elif kind.startswith("list[str]"):
