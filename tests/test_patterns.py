@@ -11,8 +11,8 @@ from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
-from nora.export import export_lora
 from nora.cli import parse_args
+from nora.export import export_lora
 from nora.harness.train import _int_mapping
 from nora.model import count_trainable, nora_layers
 
@@ -37,7 +37,7 @@ IDS = torch.arange(3, 19).view(2, 8)
 
 def test_each_module_gets_the_ranks_its_pattern_names():
     model = get_peft_model(_base(), _config())
-    shapes = {n.rsplit("model.", 1)[-1]: (l.r["default"], l.r_inner["default"]) for n, l in nora_layers(model)}
+    shapes = {n.rsplit("model.", 1)[-1]: (lay.r["default"], lay.r_inner["default"]) for n, lay in nora_layers(model)}
     assert shapes["layers.0.self_attn.k_proj"] == shapes["layers.1.self_attn.v_proj"] == (16, 4)
     assert shapes["layers.1.mlp.down_proj"] == (24, 2)
     assert shapes["layers.0.mlp.down_proj"] == shapes["layers.0.self_attn.q_proj"] == (24, 4)
@@ -86,7 +86,9 @@ def test_a_pattern_key_that_matches_no_targeted_module_is_refused():
 
 
 def test_r_above_a_small_layer_names_rank_pattern_as_a_fix():
-    with pytest.raises(ValueError, match=r"r=24 exceeds min\(out, in\)=min\(16, 32\)=16; .*rank_pattern=\{'k_proj': 16\}"):
+    with pytest.raises(
+        ValueError, match=r"r=24 exceeds min\(out, in\)=min\(16, 32\)=16; .*rank_pattern=\{'k_proj': 16\}"
+    ):
         get_peft_model(_base(), _config(rank_pattern={"v_proj": 16}))
 
 
