@@ -308,6 +308,8 @@ def test_every_decoder_variant_builds_its_config(bench_accuracy, tmp_path):
         if variant in B.LORASB_VARIANTS:
             assert args.method == "lorasb" and config.structure == "adapter" and config.inner_init == "grad_step"
             assert config.grad_first_step_lr == pytest.approx(1e-3 / B.DECODER_BUDGET.warmup_steps)
+        if variant == "nora-par-320-4":  # SmolLM2's 192-wide k_proj / v_proj get their own r
+            assert config.r == 320 and config.rank_pattern == {"k_proj": 192, "v_proj": 192}
     assert B._decoder_flags("lorasb-r60")[-2:] == ["--nora-r", "60"]
 
 
