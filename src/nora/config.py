@@ -103,8 +103,9 @@ class NoraConfig(PeftConfig):
     rank_pattern: dict[str, int] | None = field(
         default=None,
         metadata={
-            "help": "Per-module outer rank r, as PEFT LoRA's rank_pattern: {'k_proj': 192}, on the CLI --rank-pattern k_proj=192 (a key is a regex matched "
-            "against the end of a module name; unmatched modules use r). None means {}."
+            "help": "Per-module outer rank r, as PEFT LoRA's rank_pattern: {'k_proj': 192}, on the CLI "
+            "--rank-pattern k_proj=192 (a key is a regex matched against the end of a module name; unmatched modules "
+            "use r). None means {}."
         },
     )
     r_inner_pattern: dict[str, int] | None = field(

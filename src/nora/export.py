@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 
 import torch
 from peft import LoraConfig
@@ -47,9 +48,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[Lo
         ranks[name.removeprefix(_PEFT_PREFIX)] = lora_A.shape[0]
     if not state:
         raise ValueError(f"export_lora: the model has no NoRA layers for adapter {adapter_name!r}.")
-    rank = max(
-        set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k)
-    )  # the most common k; others by pattern
+    rank = Counter(ranks.values()).most_common(1)[0][0]  # the most common k; the others by rank_pattern
     pattern = {t: k for t, k in ranks.items() if k != rank}  # r_inner_pattern: per-module k, each at scaling 1
     # everything PEFT saves besides NoRA's own tensors (modules_to_save, trained biases) is keyed exactly as a LoRA
     # adapter with the same modules_to_save / bias saves it, so take it from PEFT's own selection

@@ -110,12 +110,12 @@ class NoraModel(BaseTuner):
         # DeepSpeed ZeRO-3: every weight read at init (fingerprint, checks, SVD) sees the whole weight (read-only)
         with gather_params_ctx(list(base.parameters(recurse=False)), modifier_rank=None):
             self._check_or_record_fingerprint(nora_config, current_key, base, backend)
-            layer_config = patterns.module_config(nora_config, current_key)  # rank_pattern / r_inner_pattern
             if isinstance(target, Linear):
+                layer_config = patterns.module_config(nora_config, current_key)  # rank_pattern / r_inner_pattern
                 target.update_layer(adapter_name, layer_config, act_mean_abs=act, module_name=current_key)
                 return
             nora_config.fan_in_fan_out = isinstance(base, Conv1D)  # recorded for PEFT tooling; layers read the type
-            layer_config.fan_in_fan_out = nora_config.fan_in_fan_out
+            layer_config = patterns.module_config(nora_config, current_key)
             new_module = Linear(
                 target, adapter_name, layer_config, act_mean_abs=act, module_name=current_key, **quant_kwargs
             )

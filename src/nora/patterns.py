@@ -75,7 +75,7 @@ def check_all_matched(config, targeted: Iterable[str]) -> None:
     names = list(targeted)
     for field in PATTERN_FIELDS:
         for key in getattr(config, field):
-            if not any(re.match(rf"(.*\.)?({key})$", name) for name in names):
+            if not any(get_pattern_key([key], name) == key for name in names):  # the lookup's own matching
                 raise ValueError(
                     f"NoraConfig: {field} key {key!r} matches none of the {len(names)} targeted modules (e.g. "
                     f"{names[0] if names else '(none)'}); a key matches the end of a module name. Fix or drop it."
