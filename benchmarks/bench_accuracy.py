@@ -187,6 +187,11 @@ INIT_STUDY: dict[str, list[str]] = {
     # at r' = 3: 105,984 adapter numbers (15.7 % of LoRA r=16's with the head)
     "nora-par-384-3": ["--method", "nora", "--structure", "parallel", "--nora-r", "384", "--r-inner", "3",
                        "--outer-scaling", "orthonormal"],
+    # seventh pass: nora-par-320-4 at LoRA r=4's parametrisation (s = alpha / r' = 2, A' at the std of LoRA's
+    # kaiming-uniform A, 1 / sqrt(3 * 384) = 0.0295): the default s = 1 with A' std 0.1 makes A' 3x longer than LoRA's A,
+    # so under Adam the input directions turn ~7x slower relative to their length; same 132,995 trainable numbers
+    "nora-par-320-4-ls": ["--method", "nora", "--structure", "parallel", "--nora-r", "320", "--r-inner", "4",
+                          "--outer-scaling", "orthonormal", "--alpha", "8", "--inner-init-std", "0.0295"],
     # diagnostic, not a budget candidate (25 % of LoRA r=16's parameters): is LoRA itself worse at rank 4?
     "lora-r4": ["--method", "lora", "--lora-r", "4", "--lora-alpha", "8"],
 }  # fmt: skip
@@ -209,6 +214,7 @@ INIT_STUDY_LABEL = {
     "nora-par-320-4": "NoRA parallel r=320/4 (dW = s C A' A), orthonormal outer",
     "lora-r4": "LoRA r=4 (diagnostic: 25 % of LoRA r=16's parameters)",
     "nora-par-384-3": "NoRA parallel r=384/3 (full-rank input basis), orthonormal outer",
+    "nora-par-320-4-ls": "NoRA parallel r=320/4, orthonormal outer, LoRA's scale (s = 2, A' std 0.0295)",
 }
 GRAD_INIT_EXAMPLES = 64  # 4 batches of 16, the AwSVD calibration's examples
 LORASB_EXAMPLES = 2  # LoRA-SB's GLUE setting (~0.1 % of a training set; 0.1 % of ours would be 1)
@@ -245,6 +251,8 @@ ENCODER_LRS = {
     "nora-wide-lorascale": (1e-3, 3e-3, 1e-2),
     "nora-par-320-4": (1e-3, 2e-3, 4e-3, 8e-3),
     "nora-par-384-3": (1e-3, 2e-3, 4e-3),
+    # LoRA r=4's own optimum (1e-3 on ARC-E) and the parallel default's (2e-3)
+    "nora-par-320-4-ls": (1e-3, 2e-3),
 }
 DECODER_LRS = {
     "nora": (1e-3, 3e-3),
